@@ -1,0 +1,188 @@
+"""The table of Flash Diffusion models: what each one is made of and how its model card runs it.
+
+Everything model-specific lives here as data. Adding a fifth Flash model is one new row in MODELS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+CLIP_TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+T5_TOKENIZER_FILES = ("added_tokens.json", "special_tokens_map.json", "spiece.model", "tokenizer_config.json")
+
+
+def _in(folder: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{folder}/{name}" for name in names)
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    """A Hugging Face repo pinned to a commit, and the exact files of it that flashsd uses."""
+
+    id: str
+    revision: str
+    files: tuple[str, ...]
+    gated: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.id}"
+
+
+@dataclass(frozen=True)
+class FlashModel:
+    key: str
+    title: str
+    base: HubRepo
+    adapter: HubRepo
+    adapter_format: Literal["lora", "peft"]  # diffusers LoRA file (fused) or PEFT adapter (merged)
+    pipeline: str  # diffusers text-to-image pipeline class
+    denoiser: Literal["unet", "transformer"]
+    scheduler: Literal["lcm", "flash_flow_match"]
+    native_size: int
+    sampler_name: str  # how the metadata names the sampler
+    vae: HubRepo | None = None  # replaces the base repo's VAE when set
+    variant: str | None = None  # weight-file variant of the base repo ("fp16" files beside fp32 ones)
+    absent_components: tuple[str, ...] = ()  # pipeline components the recipe runs without
+    call_options: Mapping[str, object] = field(default_factory=dict)  # fixed pipeline call arguments
+    disk_gb: float = 0.0  # weights on disk, all repos
+    gpu_memory_gb: float = 0.0  # peak GPU memory at 1024² x 4 images, fp16
+
+    @property
+    def repos(self) -> tuple[HubRepo, ...]:
+        return tuple(r for r in (self.base, self.vae, self.adapter) if r is not None)
+
+
+SDXL = FlashModel(
+    key="sdxl",
+    title="Flash SDXL",
+    base=HubRepo(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "462165984030d82259a11f4367a4eed129e94a7b",
+        ("model_index.json", "scheduler/scheduler_config.json")
+        + _in("tokenizer", *CLIP_TOKENIZER_FILES)
+        + _in("tokenizer_2", *CLIP_TOKENIZER_FILES)
+        + _in("text_encoder", "config.json", "model.fp16.safetensors")
+        + _in("text_encoder_2", "config.json", "model.fp16.safetensors")
+        + _in("unet", "config.json", "diffusion_pytorch_model.fp16.safetensors"),
+    ),
+    vae=HubRepo(
+        "madebyollin/sdxl-vae-fp16-fix",
+        "207b116dae70ace3637169f1ddd2434b91b3a8cd",
+        ("config.json", "diffusion_pytorch_model.safetensors"),
+    ),
+    adapter=HubRepo(
+        "jasperai/flash-sdxl",
+        "84e93604226d43e74ae9085a98ea4eaee57d8600",
+        ("pytorch_lora_weights.safetensors",),
+    ),
+    adapter_format="lora",
+    pipeline="StableDiffusionXLPipeline",
+    denoiser="unet",
+    scheduler="lcm",
+    native_size=1024,
+    sampler_name="LCM",
+    variant="fp16",
+    disk_gb=7.5,
+    gpu_memory_gb=14.0,
+)
+
+SD3 = FlashModel(
+    key="sd3",
+    title="Flash SD3",
+    base=HubRepo(
+        "stabilityai/stable-diffusion-3-medium-diffusers",
+        "ea42f8cef0f178587cf766dc8129abd379c90671",
+        ("model_index.json", "scheduler/scheduler_config.json")
+        + _in("tokenizer", *CLIP_TOKENIZER_FILES)
+        + _in("tokenizer_2", *CLIP_TOKENIZER_FILES)
+        + _in("text_encoder", "config.json", "model.safetensors")
+        + _in("text_encoder_2", "config.json", "model.safetensors")
+        + _in("transformer", "config.json", "diffusion_pytorch_model.safetensors")
+        + _in("vae", "config.json", "diffusion_pytorch_model.safetensors"),
+        gated=True,
+    ),
+    adapter=HubRepo(
+        "jasperai/flash-sd3",
+        "30ea825c9cfb9a3ae0280f4ce7bd51a8b9d0606b",
+        ("adapter_config.json", "adapter_model.safetensors"),
+    ),
+    adapter_format="peft",
+    pipeline="StableDiffusion3Pipeline",
+    denoiser="transformer",
+    scheduler="flash_flow_match",
+    native_size=1024,
+    sampler_name="Flash flow-match Euler",
+    # The Flash SD3 adapter was trained without T5.
+    absent_components=("text_encoder_3", "tokenizer_3"),
+    disk_gb=6.3,
+    gpu_memory_gb=12.0,
+)
+
+SD15 = FlashModel(
+    key="sd15",
+    title="Flash SD",
+    base=HubRepo(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+        ("model_index.json", "scheduler/scheduler_config.json")
+        + _in("tokenizer", *CLIP_TOKENIZER_FILES)
+        + _in("text_encoder", "config.json", "model.fp16.safetensors")
+        + _in("unet", "config.json", "diffusion_pytorch_model.fp16.safetensors")
+        + _in("vae", "config.json", "diffusion_pytorch_model.fp16.safetensors"),
+    ),
+    adapter=HubRepo(
+        "jasperai/flash-sd",
+        "862cb55330d561aee863790d84bf7418e472103e",
+        ("pytorch_lora_weights.safetensors",),
+    ),
+    adapter_format="lora",
+    pipeline="StableDiffusionPipeline",
+    denoiser="unet",
+    scheduler="lcm",
+    native_size=512,
+    sampler_name="LCM",
+    variant="fp16",
+    absent_components=("safety_checker", "feature_extractor"),
+    call_options={},
+    disk_gb=2.2,
+    gpu_memory_gb=4.0,
+)
+
+PIXART = FlashModel(
+    key="pixart",
+    title="Flash PixArt",
+    base=HubRepo(
+        "PixArt-alpha/PixArt-XL-2-1024-MS",
+        "b89adadeccd9ead2adcb9fa2825d3fabec48d404",
+        ("model_index.json", "scheduler/scheduler_config.json")
+        + _in("tokenizer", *T5_TOKENIZER_FILES)
+        + _in(
+            "text_encoder",
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        )
+        + _in("transformer", "config.json", "diffusion_pytorch_model.safetensors")
+        + _in("vae", "config.json", "diffusion_pytorch_model.safetensors"),
+    ),
+    adapter=HubRepo(
+        "jasperai/flash-pixart",
+        "02cd9acc93c1b337cf25584674931d0630f6c392",
+        ("adapter_config.json", "adapter_model.safetensors"),
+    ),
+    adapter_format="peft",
+    pipeline="PixArtAlphaPipeline",
+    denoiser="transformer",
+    scheduler="lcm",
+    native_size=1024,
+    sampler_name="LCM",
+    # Sizes are honoured as asked; captions are not rewritten.
+    call_options={"use_resolution_binning": False, "clean_caption": False},
+    disk_gb=22.0,
+    gpu_memory_gb=16.0,
+)
+
+MODELS: dict[str, FlashModel] = {m.key: m for m in (SDXL, SD3, SD15, PIXART)}
+DEFAULT_MODEL = "sdxl"
