@@ -4,6 +4,7 @@ Everything model-specific lives here as data. Adding a fifth Flash model is one 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
@@ -46,7 +47,6 @@ class FlashModel:
     absent_components: tuple[str, ...] = ()  # pipeline components the recipe runs without
     call_options: Mapping[str, object] = field(default_factory=dict)  # fixed pipeline call arguments
     disk_gb: float = 0.0  # weights on disk, all repos
-    gpu_memory_gb: float = 0.0  # peak GPU memory at 1024² x 4 images, fp16
 
     @property
     def repos(self) -> tuple[HubRepo, ...]:
@@ -84,7 +84,6 @@ SDXL = FlashModel(
     sampler_name="LCM",
     variant="fp16",
     disk_gb=7.5,
-    gpu_memory_gb=14.0,
 )
 
 SD3 = FlashModel(
@@ -116,7 +115,6 @@ SD3 = FlashModel(
     # The Flash SD3 adapter was trained without T5.
     absent_components=("text_encoder_3", "tokenizer_3"),
     disk_gb=6.3,
-    gpu_memory_gb=12.0,
 )
 
 SD15 = FlashModel(
@@ -146,7 +144,6 @@ SD15 = FlashModel(
     absent_components=("safety_checker", "feature_extractor"),
     call_options={},
     disk_gb=2.2,
-    gpu_memory_gb=4.0,
 )
 
 PIXART = FlashModel(
@@ -181,8 +178,15 @@ PIXART = FlashModel(
     # Sizes are honoured as asked; captions are not rewritten.
     call_options={"use_resolution_binning": False, "clean_caption": False},
     disk_gb=22.0,
-    gpu_memory_gb=16.0,
 )
 
 MODELS: dict[str, FlashModel] = {m.key: m for m in (SDXL, SD3, SD15, PIXART)}
 DEFAULT_MODEL = "sdxl"
+
+
+def selected_model(key: str | None = None) -> FlashModel:
+    """The model named by `key`, else by FLASHSD_MODEL, else the default."""
+    key = key or os.environ.get("FLASHSD_MODEL") or DEFAULT_MODEL
+    if key not in MODELS:
+        raise ValueError(f"Unknown Flash model {key!r} (FLASHSD_MODEL): choose one of {', '.join(MODELS)}.")
+    return MODELS[key]

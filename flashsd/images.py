@@ -1,0 +1,82 @@
+"""Encoding generated images as webp/jpg/png, with their generation settings in the metadata."""
+from __future__ import annotations
+
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, PngImagePlugin
+
+EXIF_IFD = 0x8769
+EXIF_USER_COMMENT = 0x9286
+# EXIF UserComment starts with an 8-byte character-code prefix; "UNICODE" means UTF-16 (big endian,
+# as Automatic1111 and piexif write it).
+UNICODE_PREFIX = b"UNICODE\x00"
+
+PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# Pillow's WebP effort (0 fastest … 6 smallest) and zlib level for PNG: chosen by bench/encode.py.
+WEBP_METHOD = 4
+PNG_COMPRESS_LEVEL = 6
+
+
+def generation_parameters(
+    *, prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float, seed: int,
+    width: int, height: int, model: str,
+) -> str:
+    """The settings in Automatic1111's 'parameters' text, which image tools already parse."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(
+        f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale:g}, Seed: {seed}, "
+        f"Size: {width}x{height}, Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def encode_image(image: Image.Image, path: Path, output_format: str, quality: int, parameters: str) -> Path:
+    """Write one image; `quality` is ignored for png (lossless)."""
+    options: dict = {}
+    if output_format == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        options.update(pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = UNICODE_PREFIX + parameters.encode("utf-16-be")
+        options.update(quality=quality, exif=exif.tobytes())
+        if output_format == "webp":
+            options.update(method=WEBP_METHOD)
+    image.save(path, format=PIL_FORMATS[output_format], **options)
+    return path
+
+
+def encode_images(jobs: Sequence[tuple[Image.Image, Path, str, int, str]]) -> list[Path]:
+    """Encode several images at once: Pillow's encoders release the GIL, so threads run in parallel."""
+    if len(jobs) == 1:
+        return [encode_image(*jobs[0])]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda job: encode_image(*job), jobs))
+
+
+def write_outputs(generated, request, model, directory: Path) -> list[Path]:
+    """One file per image, named uniquely (model, seed and a random tag), each carrying its settings."""
+    tag = uuid.uuid4().hex[:8]
+    jobs = []
+    for item in generated:
+        parameters = generation_parameters(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt if request.guidance_scale > 1 else "",
+            steps=request.num_inference_steps,
+            sampler=model.sampler_name,
+            guidance_scale=request.guidance_scale,
+            seed=item.seed,
+            width=item.image.width,
+            height=item.image.height,
+            model=model.title,
+        )
+        path = directory / f"flash-{model.key}-{item.seed}-{tag}.{request.output_format}"
+        jobs.append((item.image, path, request.output_format, request.output_quality, parameters))
+    return encode_images(jobs)
