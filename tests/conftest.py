@@ -1,0 +1,18 @@
+"""Shared fixtures."""
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:  # `pytest` as well as `python -m pytest`
+    sys.path.insert(0, str(PROJECT))
+
+from tests.tiny_repos import build_tiny_weights  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A weights root holding tiny random-weight copies of every Flash model's repos, in the real layout
+    (`root / repo.id / file` for each file the product downloads)."""
+    return build_tiny_weights(tmp_path_factory.mktemp("weights"))

@@ -1,0 +1,605 @@
+"""Tiny random-weight Hugging Face repos, on disk in exactly the layout of the real ones.
+
+For every Flash model in flashsd.models.MODELS, `build_repo_files(root, key)` writes each of its HubRepos
+under `root / repo.id` with exactly the files `repo.files` lists (nothing more), so the project's real
+loading code (plain `from_pretrained(..., local_files_only=True)`, LoRA / PEFT attaching) runs on CPU in
+seconds. Configs keep the real repos' structure (class names, scheduler configs, variants and dtypes,
+special tokens, shard names, VAE scale factor 8, latent channels, conditioning kinds); only the sizes are
+tiny. Same seed → byte-identical files.
+
+    python -m tests.tiny_repos DIR [MODEL ...]      # builds the given models (default: all) under DIR
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+from flashsd.models import MODELS, FlashModel, HubRepo
+
+# Small English text the tokenizers are trained on (prompts in the style users write).
+CORPUS = """\
+a photo of an astronaut riding a horse on the moon
+a lighthouse at dawn, oil painting, highly detailed
+a cat sitting on a red chair in a sunny room
+portrait of a woman with long hair, studio lighting, 85mm
+a mountain landscape with a lake and pine trees at sunset
+a bowl of fresh fruit on a wooden kitchen table
+an old man reading a newspaper in a busy cafe
+a futuristic city at night with neon lights and flying cars
+a small boat on a calm sea under a cloudy sky
+a watercolor painting of flowers in a glass vase
+a dog running through a field of tall green grass
+the interior of a cozy library with a fireplace
+a close up photograph of a butterfly on a leaf
+a castle on a hill surrounded by fog, fantasy art
+a plate of pasta with tomato sauce and basil
+children playing football in a park on a summer day
+a snowy village street with warm lights in the windows
+an astronaut floating in space above the earth
+a bright yellow sports car parked by the beach
+a robot painting a picture in an art studio
+a steaming cup of coffee next to an open book
+a forest path in autumn with orange and red leaves
+a black and white photo of a jazz musician playing the saxophone
+a colorful hot air balloon over the desert at sunrise
+a bridge over a river in the city, cinematic lighting
+a macro shot of water drops on a spider web
+a medieval knight in shining armor holding a sword
+a tropical island with palm trees and white sand
+a vintage train crossing a stone bridge in the mountains
+a detailed pencil sketch of a horse
+a wolf howling at the full moon in the snow
+a bakery window full of bread, cakes and cookies
+a girl with a red umbrella walking in the rain
+a sailing ship in a storm, dramatic waves, 4k
+a quiet japanese garden with a pond and a wooden bridge
+an owl sitting on a branch at night, sharp focus
+a street market with fruit, vegetables and people
+a portrait of a smiling man wearing glasses
+a spaceship landing on a red planet, science fiction
+a waterfall in a green jungle, ultra realistic
+The Quick Brown Fox Jumps Over The Lazy Dog; A Photo Of Paris In 1920, New York At Night.
+THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG: 0 1 2 3 4 5 6 7 8 9 (10%) "quoted" 'single' - & / ? ! @ # + = * _ ~
+"""
+
+CLIP_MERGES = 320  # vocabulary: 512 byte symbols + merges + 2 specials
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's pre-tokenizer pattern (as in the real tokenizer.json of openai/clip-vit-large-patch14).
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+T5_EXTRA_IDS = 100
+LORA_RELATIVE_NORM = 0.5  # each randomised adapter layer changes its weight by this fraction (Frobenius)
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte → printable character table, in CLIP's vocabulary order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@functools.lru_cache(maxsize=None)
+def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
+    """A byte-level BPE in CLIP's format, its merges learned on CORPUS.
+
+    The vocabulary is laid out as the real one: the 256 byte symbols, the same with "</w>", the merge
+    results in merge order, then <|startoftext|> and <|endoftext|> last (so, as in the real CLIP, the
+    end-of-text token has the highest id). Every byte is in it, so any text tokenises."""
+    from collections import Counter
+
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    # CLIP's normalisation and pre-tokenisation (the `tokenizers` components the real tokenizer uses). The
+    # merges are learned here rather than with tokenizers' BpeTrainer: that one breaks ties between equally
+    # frequent pairs differently from one process to the next, and the files must be byte-identical.
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in CORPUS.splitlines():
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            words[tuple(word[:-1]) + (word[-1] + "</w>",)] += 1
+    learned: list[tuple[str, str]] = []
+    while len(learned) < CLIP_MERGES:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best, count = min(pairs.items(), key=lambda item: (-item[1], item[0]))  # most frequent, then by name
+        if count < 2:
+            break
+        learned.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab[s] = len(vocab)
+    merges: list[str] = []
+    for left, right in learned:
+        if left not in vocab or right not in vocab or (left + right) in vocab:
+            continue
+        vocab[left + right] = len(vocab)
+        merges.append(f"{left} {right}")
+        if len(merges) == CLIP_MERGES:
+            break
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
+    return vocab, tuple(merges)
+
+
+def _json_dump(path: Path, value, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, **{"indent": 2, **kwargs}) + "\n", encoding="utf-8")
+
+
+def _added_token(content: str, **extra) -> dict:
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False, **extra}
+
+
+def write_clip_tokenizer(folder: Path, pad_token: str = CLIP_EOS) -> None:
+    """The 4 files of the SD / SDXL / SD3 CLIP tokenizers, in the real (legacy slow-tokenizer) format.
+    The real SDXL and SD3 `tokenizer_2` pad with "!", the others with <|endoftext|>."""
+    vocab, merges = clip_vocab_and_merges()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    typed = lambda content: {"__type": "AddedToken", **_added_token(content)}  # noqa: E731
+    _json_dump(folder / "special_tokens_map.json", {
+        "bos_token": _added_token(CLIP_BOS), "eos_token": _added_token(CLIP_EOS),
+        "pad_token": pad_token, "unk_token": _added_token(CLIP_EOS),
+    })  # fmt: skip
+    _json_dump(folder / "tokenizer_config.json", {
+        "add_prefix_space": False, "bos_token": typed(CLIP_BOS), "do_lower_case": True, "eos_token": typed(CLIP_EOS),
+        "errors": "replace", "model_max_length": 77, "name_or_path": "openai/clip-vit-large-patch14",
+        "pad_token": pad_token, "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer", "unk_token": typed(CLIP_EOS),
+    })  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
+def t5_spiece_model() -> bytes:
+    """A real sentencepiece unigram model trained on CORPUS, with T5's special ids (pad 0, eos 1, unk 2,
+    no bos)."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines()), model_writer=model, model_type="unigram",
+        vocab_size=256, hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def t5_spiece_size() -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=t5_spiece_model()).get_piece_size()
+
+
+def write_t5_tokenizer(folder: Path) -> None:
+    """PixArt's T5 tokenizer folder: spiece.model, added_tokens.json, special_tokens_map.json and
+    tokenizer_config.json (T5's 100 <extra_id_N> sentinels after the sentencepiece pieces, N=0 last)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(t5_spiece_model())
+    size = t5_spiece_size()
+    extras = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
+    _json_dump(folder / "added_tokens.json", {e: size + T5_EXTRA_IDS - 1 - i for i, e in enumerate(extras)})
+    _json_dump(folder / "special_tokens_map.json", {
+        "additional_special_tokens": extras, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+    })  # fmt: skip
+    _json_dump(folder / "tokenizer_config.json", {
+        "additional_special_tokens": extras, "clean_up_tokenization_spaces": True, "eos_token": "</s>",
+        "extra_ids": T5_EXTRA_IDS, "legacy": True, "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<pad>", "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>",
+    })  # fmt: skip
+
+
+# --- components -----------------------------------------------------------------------------------------
+
+
+def _seeded(seed: int, salt: str) -> None:
+    """A fixed seed per component, so each component's weights depend only on (seed, component)."""
+    torch.manual_seed(zlib.crc32(f"{seed}/{salt}".encode()))
+
+
+def clip_text_model(seed: int, salt: str, *, projection: bool, hidden_act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, _ = clip_vocab_and_merges()
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, hidden_act=hidden_act,
+        # As in the real CLIP configs: eos_token_id 2 makes CLIP pool at the highest token id, which is
+        # <|endoftext|> (last in the vocabulary), whatever the pad token.
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )  # fmt: skip
+    _seeded(seed, salt)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def vae(seed: int, salt: str, *, latent_channels: int = 4, **config):
+    """An AutoencoderKL with 4 blocks (vae_scale_factor 8) and tiny channels."""
+    from diffusers import AutoencoderKL
+
+    _seeded(seed, salt)
+    model = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, **config,
+    )  # fmt: skip
+    return model.eval()
+
+
+def _randomise_adapter(model: torch.nn.Module, seed: int, salt: str) -> int:
+    """Give every LoRA layer random A and B (a fresh LoRA has B = 0: a no-op), B scaled so that the layer's
+    weight changes by LORA_RELATIVE_NORM of its norm: a visible change that stays finite (also in fp16)."""
+    from peft.tuners.lora import LoraLayer
+
+    _seeded(seed, salt)
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                a.normal_(0.0, 1.0 / math.sqrt(a[0].numel()))
+                b.normal_(0.0, 1.0)
+                delta = module.get_delta_weight(name).norm()
+                b.mul_(LORA_RELATIVE_NORM * module.get_base_layer().weight.norm() / delta)
+                count += 1
+    return count
+
+
+def _save_lora_file(pipeline_class, unet, folder: Path, seed: int, salt: str, targets: list[str]) -> None:
+    """A diffusers-format LoRA file (pytorch_lora_weights.safetensors) for the UNet only."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
+    assert _randomise_adapter(unet, seed, salt) > 0
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    pipeline_class.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def _save_peft_adapter(transformer, folder: Path, seed: int, salt: str, targets: list[str]) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the transformer."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets)
+    model = get_peft_model(transformer, config)
+    assert _randomise_adapter(model, seed, salt) > 0
+    model.save_pretrained(folder, safe_serialization=True)
+    # peft keeps target_modules as a set: its order would follow the string hash seed of the process.
+    config_file = folder / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["target_modules"] = sorted(saved["target_modules"])
+    _json_dump(config_file, saved, sort_keys=True)
+
+
+def _save_pipeline_index(pipeline, folder: Path, **listed) -> None:
+    """model_index.json as pipe.save_pretrained writes it. `listed` names, as the real repo does, the
+    components the pipeline object was built without: the tokenizers (written as files here) and those
+    the real repo has but the product loads as None (T5 for SD3, the SD 1.5 safety checker)."""
+    if listed:
+        pipeline.register_to_config(**{name: list(value) for name, value in listed.items()})
+    pipeline.save_config(folder)
+
+
+def _save_scheduler_config(folder: Path, config: dict) -> None:
+    """The real repo's scheduler_config.json, verbatim: keys its own class ignores (clip_sample,
+    set_alpha_to_one, ...) are read by LCMScheduler.from_pretrained(base, subfolder="scheduler")."""
+    _json_dump(folder / "scheduler" / "scheduler_config.json", config)
+
+
+# The real repos' scheduler configs.
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}  # fmt: skip
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+}  # fmt: skip
+SD3_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.29.0.dev0",
+    "num_train_timesteps": 1000, "shift": 3.0,
+}  # fmt: skip
+PIXART_SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.22.0.dev0", "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False, "lambda_min_clipped": -math.inf, "lower_order_final": True, "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "solver_order": 2, "solver_type": "midpoint",
+    "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None,
+    "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None,
+}  # fmt: skip
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "time_emb_proj"]  # fmt: skip
+
+
+def _save_fp16(model, folder: Path) -> None:
+    model.to(torch.float16).save_pretrained(folder, variant="fp16", safe_serialization=True)
+
+
+def _build_sdxl(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.schedulers import EulerDiscreteScheduler
+
+    base = dirs[model.base.id]
+    te = clip_text_model(seed, "sdxl/text_encoder", projection=False)
+    te2 = clip_text_model(seed, "sdxl/text_encoder_2", projection=True, hidden_act="gelu")
+    _seeded(seed, "sdxl/unet")
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=64, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    ).eval()  # fmt: skip
+    fix_vae = vae(seed, "sdxl/vae", sample_size=1024, scaling_factor=0.13025, force_upcast=False)
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    pipe = StableDiffusionXLPipeline(
+        vae=fix_vae, text_encoder=te, text_encoder_2=te2, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=scheduler,
+    )  # fmt: skip
+    _save_pipeline_index(pipe, base, tokenizer=("transformers", "CLIPTokenizer"),
+                         tokenizer_2=("transformers", "CLIPTokenizer"))  # fmt: skip
+    _save_scheduler_config(base, SDXL_SCHEDULER)
+    write_clip_tokenizer(base / "tokenizer")
+    write_clip_tokenizer(base / "tokenizer_2", pad_token="!")
+    _save_fp16(te, base / "text_encoder")
+    _save_fp16(te2, base / "text_encoder_2")
+    fix_vae.save_pretrained(dirs[model.vae.id], safe_serialization=True)  # the fix ships fp32 only
+    _save_fp16(unet, base / "unet")
+    _save_lora_file(StableDiffusionXLPipeline, unet.float(), dirs[model.adapter.id], seed, "sdxl/lora",
+                    UNET_LORA_TARGETS)  # fmt: skip
+
+
+def _build_sd15(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    base = dirs[model.base.id]
+    te = clip_text_model(seed, "sd15/text_encoder", projection=False)
+    _seeded(seed, "sd15/unet")
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    sd_vae = vae(seed, "sd15/vae", sample_size=512, scaling_factor=0.18215)
+    pipe = StableDiffusionPipeline(
+        vae=sd_vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=True,
+    )  # fmt: skip
+    _save_pipeline_index(
+        pipe, base, tokenizer=("transformers", "CLIPTokenizer"),
+        safety_checker=("stable_diffusion", "StableDiffusionSafetyChecker"),
+        feature_extractor=("transformers", "CLIPImageProcessor"),
+    )  # fmt: skip
+    _save_scheduler_config(base, SD15_SCHEDULER)
+    write_clip_tokenizer(base / "tokenizer")
+    _save_fp16(te, base / "text_encoder")
+    _save_fp16(unet, base / "unet")
+    _save_fp16(sd_vae, base / "vae")
+    _save_lora_file(StableDiffusionPipeline, unet.float(), dirs[model.adapter.id], seed, "sd15/lora",
+                    UNET_LORA_TARGETS)  # fmt: skip
+
+
+def _build_sd3(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    base = dirs[model.base.id]
+    te = clip_text_model(seed, "sd3/text_encoder", projection=True)
+    te2 = clip_text_model(seed, "sd3/text_encoder_2", projection=True, hidden_act="gelu")
+    _seeded(seed, "sd3/transformer")
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=96,
+    ).eval()  # fmt: skip
+    sd3_vae = vae(
+        seed, "sd3/vae", latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER), vae=sd3_vae,
+        text_encoder=te, tokenizer=None, text_encoder_2=te2, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    _save_pipeline_index(
+        pipe, base, tokenizer=("transformers", "CLIPTokenizer"), tokenizer_2=("transformers", "CLIPTokenizer"),
+        text_encoder_3=("transformers", "T5EncoderModel"), tokenizer_3=("transformers", "T5TokenizerFast"),
+    )  # fmt: skip
+    _save_scheduler_config(base, SD3_SCHEDULER)
+    write_clip_tokenizer(base / "tokenizer")
+    write_clip_tokenizer(base / "tokenizer_2", pad_token="!")
+    # The real repo's plain files already hold fp16 weights.
+    te.to(torch.float16).save_pretrained(base / "text_encoder", safe_serialization=True)
+    te2.to(torch.float16).save_pretrained(base / "text_encoder_2", safe_serialization=True)
+    transformer.to(torch.float16).save_pretrained(base / "transformer", safe_serialization=True)
+    sd3_vae.to(torch.float16).save_pretrained(base / "vae", safe_serialization=True)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]  # fmt: skip
+    _save_peft_adapter(transformer.float(), dirs[model.adapter.id], seed, "sd3/peft", targets)
+
+
+def _build_pixart(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    base = dirs[model.base.id]
+    write_t5_tokenizer(base / "tokenizer")
+    config = T5Config(
+        vocab_size=t5_spiece_size() + T5_EXTRA_IDS, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False,
+    )  # fmt: skip
+    _seeded(seed, "pixart/text_encoder")
+    te = T5EncoderModel(config).eval()
+    _seeded(seed, "pixart/transformer")
+    transformer = PixArtTransformer2DModel(
+        # sample_size 128 as in the real 1024 px model: the pipeline and the model then use the resolution
+        # and aspect-ratio conditioning (use_additional_conditions); position embeddings follow any size.
+        # Inner size 24: divisible by 3, as the resolution / aspect-ratio embeddings need (real: 1152).
+        sample_size=128, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
+        out_channels=8, cross_attention_dim=24, caption_channels=32, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+        activation_fn="gelu-approximate",
+    ).eval()  # fmt: skip
+    pixart_vae = vae(seed, "pixart/vae", sample_size=512, scaling_factor=0.18215)
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=te, vae=pixart_vae, transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER),
+    )  # fmt: skip
+    # The real repo names its transformer with the old class Transformer2DModel (diffusers remaps it).
+    _save_pipeline_index(pipe, base, tokenizer=("transformers", "T5Tokenizer"),
+                         transformer=("diffusers", "Transformer2DModel"))  # fmt: skip
+    _save_scheduler_config(base, PIXART_SCHEDULER)
+    _save_t5_two_shards(te, base / "text_encoder")
+    transformer.save_pretrained(base / "transformer", safe_serialization=True)
+    config_file = base / "transformer" / "config.json"
+    transformer_config = json.loads(config_file.read_text())
+    transformer_config["_class_name"] = "Transformer2DModel"
+    _json_dump(config_file, transformer_config, sort_keys=True)
+    pixart_vae.save_pretrained(base / "vae", safe_serialization=True)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj", "linear"]
+    _save_peft_adapter(transformer, dirs[model.adapter.id], seed, "pixart/peft", targets)
+
+
+def _save_t5_two_shards(te, folder: Path) -> None:
+    """fp32, in exactly two shards (model-00001-of-00002.safetensors, ...) plus the index, as the real one."""
+    total = sum(p.numel() * p.element_size() for p in te.state_dict().values())
+    te.save_pretrained(folder, safe_serialization=True, max_shard_size=total * 6 // 10)
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], names
+
+
+BUILDERS = {"sdxl": _build_sdxl, "sd3": _build_sd3, "sd15": _build_sd15, "pixart": _build_pixart}
+
+
+# --- the API ----------------------------------------------------------------------------------------------
+
+
+def files_under(folder: Path) -> set[str]:
+    """Every file under `folder`, as POSIX paths relative to it."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _complete(root: Path, repos: tuple[HubRepo, ...]) -> bool:
+    return all((root / repo.id / name).is_file() for repo in repos for name in repo.files)
+
+
+def build_repo_files(root: Path, model_key: str, *, seed: int = 0) -> None:
+    """Write every HubRepo of MODELS[model_key] under `root / repo.id`, each with exactly `repo.files`.
+    Does nothing when all those files exist already; otherwise rebuilds that model's repos whole."""
+    model = MODELS[model_key]
+    root = Path(root)
+    if _complete(root, model.repos):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tiny-{model_key}-", dir=root))
+    try:
+        dirs = {repo.id: staging / repo.id for repo in model.repos}
+        for folder in dirs.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        # fork_rng: the caller's torch RNG is left as it was.
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _quiet():
+            BUILDERS[model_key](model, dirs, seed)
+        for repo in model.repos:
+            folder = dirs[repo.id]
+            extra = files_under(folder) - set(repo.files)
+            for name in extra:  # README.md, tokenizer.json, the base repo's own VAE...
+                (folder / name).unlink()
+            for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                if not any(sub.iterdir()):
+                    sub.rmdir()
+            missing = set(repo.files) - files_under(folder)
+            assert not missing, f"{repo.id}: not written: {sorted(missing)}"
+        for repo in model.repos:
+            target = root / repo.id
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(dirs[repo.id], target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_tiny_weights(root: Path, model_keys=tuple(MODELS)) -> Path:
+    """Build the tiny repos of every model in `model_keys` under `root`; returns `root`."""
+    root = Path(root)
+    for key in model_keys:
+        build_repo_files(root, key)
+    return root
+
+
+class _quiet:
+    """Silence diffusers' / transformers' info and warning logs while building."""
+
+    def __enter__(self):
+        import diffusers
+        import transformers
+
+        self.levels = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity())
+        self.bars = transformers.utils.logging.is_progress_bar_enabled()
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity(self.levels[0])
+        transformers.utils.logging.set_verbosity(self.levels[1])
+        if self.bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    keys = tuple(sys.argv[2:]) or tuple(MODELS)
+    print(build_tiny_weights(Path(sys.argv[1]), keys))
