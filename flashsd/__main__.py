@@ -1,0 +1,81 @@
+"""The local command line: the same engine as the Cog predictor, without Docker.
+
+    python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
+    python -m flashsd sizes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .engine import Engine
+from .errors import InputError, WeightsError
+from .images import write_outputs
+from .models import MODELS, selected_model
+from .request import build_request, size_table
+from .weights import default_root, ensure_weights
+
+
+def _parse_inputs(pairs: list[str]) -> dict:
+    """`-i name=value` as with `cog predict`; values are read as JSON where they parse, else as text."""
+    inputs = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise InputError(f"-i {pair!r}: write inputs as name=value.")
+        try:
+            inputs[name] = json.loads(value)
+        except json.JSONDecodeError:
+            inputs[name] = value
+    if isinstance(inputs.get("prompt"), (int, float)):
+        inputs["prompt"] = str(inputs["prompt"])
+    return inputs
+
+
+def predict(args) -> int:
+    model = selected_model(args.model)
+    root = Path(args.weights) if args.weights else default_root()
+    request = build_request(model, **_parse_inputs(args.input))  # fail on bad input before loading
+    ensure_weights(model, root)
+    engine = Engine.load(model, root)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in write_outputs(engine.generate(request), request, model, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashsd", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("predict", help="generate images and write them to --output-dir")
+    run.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
+                     help="a predictor input, as with `cog predict -i` (repeatable)")
+    run.add_argument("--model", choices=list(MODELS), help="default: FLASHSD_MODEL or sdxl")
+    run.add_argument("--weights", help="weights root (default: FLASHSD_WEIGHTS or weights/)")
+    run.add_argument("--output-dir", default="outputs")
+    sizes = commands.add_parser("sizes", help="print the aspect-ratio sizes of each model (Markdown)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.command == "sizes":
+        ratios = list(size_table(MODELS["sdxl"]))
+        keys = {m.native_size: m.key for m in MODELS.values()}
+        print("| aspect_ratio | " + " | ".join(f"{n}² models" for n in keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for ratio in ratios:
+            cells = [f"{w}x{h}" for w, h in (size_table(MODELS[k])[ratio] for k in keys.values())]
+            print(f"| {ratio} | " + " | ".join(cells) + " |")
+        return 0
+    try:
+        return predict(args)
+    except (InputError, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, InputError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The real Cog HTTP server (coglet), started on loopback from the project root, for contract tests."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    """`python -m cog.server.http` as the container runs it, with its logs kept in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = PROJECT_ROOT):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.cwd = cwd
+        # coglet spawns its worker as `python`: this interpreter's folder must come first on PATH.
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "CogServer":
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cog server exited with {self.process.returncode}:\n{self.logs()}")
+            status = self.health()
+            if status in ("READY", "SETUP_FAILED"):
+                return self
+            time.sleep(0.25)
+        raise TimeoutError(f"cog server not ready after {timeout} s:\n{self.logs()}")
+
+    def health(self) -> str | None:
+        try:
+            return requests.get(f"{self.url}/health-check", timeout=5).json().get("status")
+        except (requests.ConnectionError, requests.Timeout, ValueError):
+            return None
+
+    def health_check(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=5).json()
+
+    def predict(self, inputs: dict, timeout: float = 300, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, **kwargs)
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> "CogServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
