@@ -30,6 +30,35 @@ class HubRepo:
         return f"https://huggingface.co/{self.id}"
 
 
+def _merged(repos: tuple[HubRepo, ...]) -> tuple[HubRepo, ...]:
+    """One row per repo id: rows naming the same repo (SD1.5's base and the safety checker) share one folder,
+    so they are one download of the union of their files. Their pins must agree."""
+    by_id: dict[str, HubRepo] = {}
+    for repo in repos:
+        seen = by_id.get(repo.id)
+        if seen is None:
+            by_id[repo.id] = repo
+            continue
+        if seen.revision != repo.revision:
+            raise ValueError(
+                f"{repo.id} is pinned to two revisions ({seen.revision}, {repo.revision}) in flashsd/models.py"
+            )
+        files = seen.files + tuple(f for f in repo.files if f not in seen.files)
+        by_id[repo.id] = HubRepo(repo.id, repo.revision, files, gated=seen.gated or repo.gated)
+    return tuple(by_id.values())
+
+
+# The CompVis Stable Diffusion safety checker and its image processor. CompVis/stable-diffusion-safety-checker
+# ships only a pickle (pytorch_model.bin); the SD1.5 repo carries the same checker as safetensors, which is the
+# copy SD 1.x pipelines load. fp16 (579 MB; the fp32 file is 1.16 GB): the checker runs in fp16 on the GPU.
+SAFETY_CHECKER = HubRepo(
+    "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+    _in("safety_checker", "config.json", "model.fp16.safetensors") + ("feature_extractor/preprocessor_config.json",),
+)
+SAFETY_CHECKER_VARIANT = "fp16"
+
+
 @dataclass(frozen=True)
 class FlashModel:
     key: str
@@ -47,10 +76,16 @@ class FlashModel:
     absent_components: tuple[str, ...] = ()  # pipeline components the recipe runs without
     call_options: Mapping[str, object] = field(default_factory=dict)  # fixed pipeline call arguments
     disk_gb: float = 0.0  # weights on disk, all repos
+    # diffusers pipelines built on the same components (from_pipe) for image-to-image and inpainting; None
+    # where diffusers has none for this family (the `image` input is then refused).
+    img2img_pipeline: str | None = None
+    inpaint_pipeline: str | None = None
+    safety_checker: HubRepo | None = SAFETY_CHECKER
 
     @property
     def repos(self) -> tuple[HubRepo, ...]:
-        return tuple(r for r in (self.base, self.vae, self.adapter) if r is not None)
+        """Every repo to download, one row per repo id (see _merged)."""
+        return _merged(tuple(r for r in (self.base, self.vae, self.adapter, self.safety_checker) if r is not None))
 
 
 SDXL = FlashModel(
@@ -78,12 +113,14 @@ SDXL = FlashModel(
     ),
     adapter_format="lora",
     pipeline="StableDiffusionXLPipeline",
+    img2img_pipeline="StableDiffusionXLImg2ImgPipeline",
+    inpaint_pipeline="StableDiffusionXLInpaintPipeline",
     denoiser="unet",
     scheduler="lcm",
     native_size=1024,
     sampler_name="LCM",
     variant="fp16",
-    disk_gb=7.5,
+    disk_gb=8.1,
 )
 
 SD3 = FlashModel(
@@ -108,13 +145,15 @@ SD3 = FlashModel(
     ),
     adapter_format="peft",
     pipeline="StableDiffusion3Pipeline",
+    img2img_pipeline="StableDiffusion3Img2ImgPipeline",
+    inpaint_pipeline="StableDiffusion3InpaintPipeline",
     denoiser="transformer",
     scheduler="flash_flow_match",
     native_size=1024,
     sampler_name="Flash flow-match Euler",
     # The Flash SD3 adapter was trained without T5.
     absent_components=("text_encoder_3", "tokenizer_3"),
-    disk_gb=6.3,
+    disk_gb=6.9,
 )
 
 SD15 = FlashModel(
@@ -136,14 +175,17 @@ SD15 = FlashModel(
     ),
     adapter_format="lora",
     pipeline="StableDiffusionPipeline",
+    img2img_pipeline="StableDiffusionImg2ImgPipeline",
+    inpaint_pipeline="StableDiffusionInpaintPipeline",
     denoiser="unet",
     scheduler="lcm",
     native_size=512,
     sampler_name="LCM",
     variant="fp16",
+    # The pipeline's own checker blacks flagged images out; flashsd runs the checker itself (flashsd.safety).
     absent_components=("safety_checker", "feature_extractor"),
     call_options={},
-    disk_gb=2.2,
+    disk_gb=2.8,
 )
 
 PIXART = FlashModel(
@@ -170,14 +212,14 @@ PIXART = FlashModel(
         ("adapter_config.json", "adapter_model.safetensors"),
     ),
     adapter_format="peft",
-    pipeline="PixArtAlphaPipeline",
+    pipeline="PixArtAlphaPipeline",  # diffusers has no PixArt image-to-image or inpainting pipeline
     denoiser="transformer",
     scheduler="lcm",
     native_size=1024,
     sampler_name="LCM",
     # Sizes are honoured as asked; captions are not rewritten.
     call_options={"use_resolution_binning": False, "clean_caption": False},
-    disk_gb=22.0,
+    disk_gb=22.6,
 )
 
 MODELS: dict[str, FlashModel] = {m.key: m for m in (SDXL, SD3, SD15, PIXART)}

@@ -5,12 +5,20 @@ import math
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .models import FlashModel
+from .input_images import fit_image, fit_mask, load_image, load_mask, repainted_fraction
+from .models import MODELS, FlashModel
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "21:9", "9:21")
 CUSTOM = "custom"
+# The default: with an image, the output keeps the image's aspect ratio; without one it is square (1:1).
+MATCH_INPUT = "match_input_image"
+DEFAULT_PROMPT_STRENGTH = 0.8
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 
 SIZE_MULTIPLE = 16  # latents are 1/8 of the image and the denoisers downsample them once more
@@ -20,6 +28,9 @@ MAX_STEPS = 8
 MAX_GUIDANCE = 10.0
 RANDOM_SEED_BOUND = 2**32  # an omitted seed is drawn from [0, 2³²)
 MAX_SEED = 2**63 - 1 - MAX_OUTPUTS  # image i uses seed + i, which must stay a valid 64-bit seed
+# Far beyond what the text encoders read (77 CLIP tokens, 120 T5 tokens: a few hundred characters), and small
+# enough that prompt and negative prompt fit in a JPEG's 64 kB EXIF metadata in any script.
+MAX_PROMPT_CHARS = 5000
 
 # A ratio's size may differ from its name by at most this much; the table stays well inside the
 # 2 % the README promises.
@@ -48,6 +59,34 @@ def aspect_ratio_size(ratio: str, native_size: int) -> tuple[int, int]:
     return best[1]
 
 
+@lru_cache(maxsize=1024)
+def matching_size(width: int, height: int, native_size: int) -> tuple[int, int]:
+    """The output size for an input image of `width` x `height`: multiples of 16 at about the model's native
+    area, with the input's aspect ratio (within RATIO_TOLERANCE where the 64-2048 px sides allow it; beyond
+    that, the nearest ratio they allow). Portrait sizes are the landscape ones swapped."""
+    if width < height:
+        h, w = matching_size(height, width, native_size)
+        return w, h
+    target, area = width / height, native_size * native_size
+    tolerance = math.log1p(RATIO_TOLERANCE)
+    best: tuple[tuple[float, float, float], tuple[int, int]] | None = None
+    for side in range(MIN_SIDE, MAX_SIDE + SIZE_MULTIPLE, SIZE_MULTIPLE):
+        long = min(MAX_SIDE, max(MIN_SIDE, round(side * target / SIZE_MULTIPLE) * SIZE_MULTIPLE))
+        ratio_error = abs(math.log(long / side / target))
+        key = (max(0.0, ratio_error - tolerance), abs(math.log(long * side / area)), ratio_error)
+        if best is None or key < best[0]:
+            best = (key, (long, side))
+    assert best is not None
+    return best[1]
+
+
+def steps_run(num_inference_steps: int, prompt_strength: float) -> int:
+    """How many denoising steps image-to-image and inpainting run: the last floor(steps x strength) steps of
+    the schedule, and at least one. (The epsilon guards strengths such as 2/7 whose float product with the
+    steps lands just below the whole number it stands for.)"""
+    return max(1, min(num_inference_steps, math.floor(num_inference_steps * prompt_strength + 1e-9)))
+
+
 def size_table(model: FlashModel) -> dict[str, tuple[int, int]]:
     return {ratio: aspect_ratio_size(ratio, model.native_size) for ratio in ASPECT_RATIOS}
 
@@ -64,11 +103,29 @@ class GenerationRequest:
     seed: int
     output_format: str
     output_quality: int
+    image: Image.Image | None = None  # RGB, already width x height: image-to-image / inpainting start from it
+    mask: Image.Image | None = None  # "L", width x height, 255 = repaint, 0 = keep: inpainting
+    prompt_strength: float = DEFAULT_PROMPT_STRENGTH  # used only with an image
+    safety_checker: bool = True
 
     @property
     def seeds(self) -> list[int]:
         """Image i is generated from seed + i, so any image is reproduced alone by its own seed."""
         return [self.seed + i for i in range(self.num_outputs)]
+
+    @property
+    def mode(self) -> str:
+        """"text-to-image", "image-to-image" or "inpainting"."""
+        if self.image is None:
+            return "text-to-image"
+        return "inpainting" if self.mask is not None else "image-to-image"
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps that actually run (see steps_run())."""
+        if self.image is None:
+            return self.num_inference_steps
+        return steps_run(self.num_inference_steps, self.prompt_strength)
 
 
 def _nearest_multiples(value: int) -> str:
@@ -103,7 +160,10 @@ def build_request(
     *,
     prompt: str,
     negative_prompt: str = "",
-    aspect_ratio: str = "1:1",
+    image=None,
+    mask=None,
+    prompt_strength: float = DEFAULT_PROMPT_STRENGTH,
+    aspect_ratio: str = MATCH_INPUT,
     width: int | None = None,
     height: int | None = None,
     num_outputs: int = 1,
@@ -112,26 +172,62 @@ def build_request(
     seed: int | None = None,
     output_format: str = "webp",
     output_quality: int = 80,
+    disable_safety_checker: bool = False,
 ) -> GenerationRequest:
-    """Validate everything the user sent; the first problem found is raised as InputError."""
+    """Validate everything the user sent; the first problem found is raised as InputError.
+
+    `image` and `mask` are paths (or PIL images): `image` alone is image-to-image, both are inpainting.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is empty: describe the image to generate.")
     negative_prompt = negative_prompt or ""
     if not isinstance(negative_prompt, str):
         raise InputError(f"negative_prompt must be text, got {negative_prompt!r}.")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InputError(
+                f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted. The text encoders "
+                "read only its first 77 tokens (120 with PixArt), a few hundred characters: shorten it."
+            )
+
+    source = mask_source = None
+    if mask is not None and image is None:
+        raise InputError(
+            "mask was given without image: inpainting repaints the white areas of the mask in image, so send "
+            "both (or leave mask out for text-to-image)."
+        )
+    if image is not None:
+        _check_image_modes(model, "inpainting" if mask is not None else "image-to-image")
+        source = load_image(image, "image")
+        if mask is not None:
+            mask_source = load_mask(mask, "mask")
+            if mask_source.size != source.size:
+                raise InputError(
+                    f"mask is {mask_source.width}x{mask_source.height} but image is {source.width}x{source.height} "
+                    "(both as displayed, after their EXIF orientation): the mask must have the image's size, white "
+                    "where to repaint, black where to keep."
+                )
 
     if aspect_ratio == CUSTOM:
         width, height = _side("width", width), _side("height", height)
-    elif aspect_ratio in ASPECT_RATIOS:
+    elif aspect_ratio in ASPECT_RATIOS or aspect_ratio == MATCH_INPUT:
+        if aspect_ratio != MATCH_INPUT:
+            named = aspect_ratio_size(aspect_ratio, model.native_size)
+        elif source is not None:
+            named = matching_size(*source.size, model.native_size)
+        else:
+            named = aspect_ratio_size("1:1", model.native_size)
         if width is not None or height is not None:
             raise InputError(
                 f"width and height are only used with aspect_ratio='{CUSTOM}'; aspect_ratio='{aspect_ratio}' "
-                f"gives {'x'.join(map(str, aspect_ratio_size(aspect_ratio, model.native_size)))}. "
+                f"gives {'x'.join(map(str, named))}. "
                 f"Leave width/height out or set aspect_ratio to '{CUSTOM}'."
             )
-        width, height = aspect_ratio_size(aspect_ratio, model.native_size)
+        width, height = named
     else:
-        raise InputError(f"aspect_ratio={aspect_ratio!r} is not one of: {', '.join(ASPECT_RATIOS + (CUSTOM,))}.")
+        raise InputError(
+            f"aspect_ratio={aspect_ratio!r} is not one of: {', '.join((MATCH_INPUT,) + ASPECT_RATIOS + (CUSTOM,))}."
+        )
 
     num_outputs = _in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS, int)
     num_inference_steps = _in_range("num_inference_steps", num_inference_steps, 1, MAX_STEPS, int)
@@ -150,6 +246,25 @@ def build_request(
     if output_format not in OUTPUT_FORMATS:
         raise InputError(f"output_format={output_format!r} is not one of: {', '.join(OUTPUT_FORMATS)}.")
     output_quality = _in_range("output_quality", output_quality, 1, 100, int)
+    # Without an image prompt_strength has nothing to act on (every step runs); it is documented as such
+    # rather than refused, since Cog always sends its default.
+    prompt_strength = _in_range("prompt_strength", prompt_strength, 0, 1, float)
+    if not isinstance(disable_safety_checker, bool):
+        raise InputError(f"disable_safety_checker must be true or false, got {disable_safety_checker!r}.")
+
+    fitted = fitted_mask = None
+    if source is not None:
+        fitted = fit_image(source, (width, height))
+        if mask_source is not None:
+            fitted_mask = fit_mask(mask_source, (width, height))
+            if repainted_fraction(fitted_mask) == 0:
+                where = "" if repainted_fraction(fit_mask(mask_source, mask_source.size)) == 0 else (
+                    f" left once it is resized to the output's {width}x{height}"
+                )
+                raise InputError(
+                    f"mask has no white area{where}, so inpainting would return image unchanged: paint what to "
+                    "repaint white (pixels at least 50% grey count as white), or leave mask out for image-to-image."
+                )
 
     return GenerationRequest(
         prompt=prompt,
@@ -162,4 +277,21 @@ def build_request(
         seed=seed,
         output_format=output_format,
         output_quality=output_quality,
+        image=fitted,
+        mask=fitted_mask,
+        prompt_strength=prompt_strength,
+        safety_checker=not disable_safety_checker,
+    )
+
+
+def _check_image_modes(model: FlashModel, mode: str) -> None:
+    """Image-to-image and inpainting exist only where diffusers has the pipeline (the model table says)."""
+    pipeline = model.img2img_pipeline if mode == "image-to-image" else model.inpaint_pipeline
+    if pipeline is not None:
+        return
+    able = [f"{m.title} ({m.key})" for m in MODELS.values() if m.img2img_pipeline and m.inpaint_pipeline]
+    raise InputError(
+        f"{model.title} supports text-to-image only: diffusers has no {mode} pipeline for it, so image and mask "
+        f"cannot be used with this model. Image-to-image and inpainting are supported by {', '.join(able)}; "
+        "leave image and mask out here."
     )

@@ -76,6 +76,7 @@ def tiny_model(base_files: dict[str, bytes], *, gated: bool = False, base_rev: s
         scheduler="lcm",
         native_size=64,
         sampler_name="LCM",
+        safety_checker=None,  # only the two fake repos above
     )
 
 

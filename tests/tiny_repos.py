@@ -5,7 +5,8 @@ under `root / repo.id` with exactly the files `repo.files` lists (nothing more),
 loading code (plain `from_pretrained(..., local_files_only=True)`, LoRA / PEFT attaching) runs on CPU in
 seconds. Configs keep the real repos' structure (class names, scheduler configs, variants and dtypes,
 special tokens, shard names, VAE scale factor 8, latent channels, conditioning kinds); only the sizes are
-tiny. Same seed → byte-identical files.
+tiny. Same seed → byte-identical files. Every model also lists the safety checker, which lives in SD1.5's
+repo folder: a folder shared by several models holds the union of their files, each written identically.
 
     python -m tests.tiny_repos DIR [MODEL ...]      # builds the given models (default: all) under DIR
 """
@@ -518,6 +519,49 @@ def _save_t5_two_shards(te, folder: Path) -> None:
 
 BUILDERS = {"sdxl": _build_sdxl, "sd3": _build_sd3, "sd15": _build_sd15, "pixart": _build_pixart}
 
+# The real feature_extractor/preprocessor_config.json of the SD1.5 repo, at the tiny checker's 32 px.
+SAFETY_FEATURE_EXTRACTOR = {
+    "crop_size": 32, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 32,
+}  # fmt: skip
+# The tiny checker's thresholds: above any cosine similarity (at most 1, + 0.01 adjustment), so it never flags
+# on its own and the other tests are not filtered at random. Tests that need a flag lower them on the loaded
+# checker (safety_checker.concept_embeds_weights), which is the real code path with other thresholds.
+SAFETY_NEVER_FLAG = 2.0
+
+
+def build_safety_checker(folder: Path, seed: int = 0) -> None:
+    """`safety_checker/` (config + model.fp16.safetensors) and `feature_extractor/` of the SD1.5 repo: a
+    StableDiffusionSafetyChecker with a tiny CLIP vision tower and random concept embeddings. Its weights depend
+    only on the seed, whichever model's build writes them (they share one folder)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    vocab, _ = clip_vocab_and_merges()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=32),
+        projection_dim=32,
+    )  # fmt: skip
+    config.architectures = ["StableDiffusionSafetyChecker"]
+    _seeded(seed, "safety_checker")
+    checker = StableDiffusionSafetyChecker(config).eval()
+    checker.concept_embeds.normal_()
+    checker.special_care_embeds.normal_()
+    checker.concept_embeds_weights.fill_(SAFETY_NEVER_FLAG)
+    checker.special_care_embeds_weights.fill_(SAFETY_NEVER_FLAG)
+    _save_fp16(checker, folder / "safety_checker")
+    _json_dump(folder / "feature_extractor" / "preprocessor_config.json", SAFETY_FEATURE_EXTRACTOR)
+
+
+def listed_for(repo_id: str) -> set[str]:
+    """Every file of `repo_id` that some model lists (models may share a repo's folder)."""
+    return {name for model in MODELS.values() for repo in model.repos if repo.id == repo_id for name in repo.files}
+
 
 # --- the API ----------------------------------------------------------------------------------------------
 
@@ -547,24 +591,35 @@ def build_repo_files(root: Path, model_key: str, *, seed: int = 0) -> None:
         # fork_rng: the caller's torch RNG is left as it was.
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _quiet():
             BUILDERS[model_key](model, dirs, seed)
+            if model.safety_checker is not None:
+                build_safety_checker(dirs[model.safety_checker.id], seed)
         for repo in model.repos:
             folder = dirs[repo.id]
             extra = files_under(folder) - set(repo.files)
             for name in extra:  # README.md, tokenizer.json, the base repo's own VAE...
                 (folder / name).unlink()
-            for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                if not any(sub.iterdir()):
-                    sub.rmdir()
+            _remove_empty_folders(folder)
             missing = set(repo.files) - files_under(folder)
             assert not missing, f"{repo.id}: not written: {sorted(missing)}"
         for repo in model.repos:
+            # File by file: a folder may also hold another model's files (SD1.5's base beside the safety
+            # checker every model uses). Those stay; this repo's files are replaced, strays removed.
             target = root / repo.id
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(dirs[repo.id], target)
+            keep = listed_for(repo.id) - set(repo.files)
+            for name in files_under(target) - keep if target.exists() else ():
+                (target / name).unlink()
+            for name in repo.files:
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(dirs[repo.id] / name, target / name)
+            _remove_empty_folders(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(sub.iterdir()):
+            sub.rmdir()
 
 
 def build_tiny_weights(root: Path, model_keys=tuple(MODELS)) -> Path:
