@@ -161,7 +161,25 @@ def _missing_message(model: FlashModel, root: Path, missing: list[Path], why: st
         f"and {why}. Fetch them on a machine with network access with `scripts/download-weights --model "
         f"{model.key}` (in the container: `cog exec scripts/download-weights --model {model.key}`), or copy "
         f"{', '.join(folders)} into place from a machine that has them; set FLASHSD_WEIGHTS if the weights "
-        "live in another folder."
+        "live in another folder." + _pickle_note(missing, root)
+    )
+
+
+def pickles_instead(path: Path) -> list[Path]:
+    """Pickle files in a missing file's folder (`unet/diffusion_pytorch_model.bin` where
+    `unet/diffusion_pytorch_model.fp16.safetensors` should be): what a folder copied from a pickle-era repo holds."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES))
+
+
+def _pickle_note(missing: list[Path], root: Path) -> str:
+    found = [str(p.relative_to(root)) for m in missing for p in pickles_instead(m)]
+    if not found:
+        return ""
+    return (
+        f" Only pickle files are there instead ({', '.join(found[:3])}): flashsd never loads pickle files, since "
+        "loading one can run arbitrary code; it needs the .safetensors files named above."
     )
 
 
