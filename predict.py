@@ -12,6 +12,7 @@ from typing import List, Optional
 from cog import BasePredictor, Input, Path
 
 from flashsd.engine import Engine
+from flashsd.faults import PredictionGuard, sweep_input_copies, use_private_tempdir, weights_problems
 from flashsd.images import write_outputs
 from flashsd.models import selected_model
 from flashsd.request import build_request
@@ -22,10 +23,12 @@ class Predictor(BasePredictor):
     def setup(self) -> None:
         """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        use_private_tempdir()  # in the Cog worker: input copies and outputs in a folder of its own (see predict)
         self.model = selected_model()
         root = default_root()
         ensure_weights(self.model, root)
-        self.engine = Engine.load(self.model, root)
+        with weights_problems(self.model, root):  # a damaged or unfit file: named, with the command that fixes it
+            self.engine = Engine.load(self.model, root)
         self.output_dir: Optional[_Path] = None
 
     # Input declarations use literal values only: `cog build` reads them from this file's text, not by
@@ -37,10 +40,22 @@ class Predictor(BasePredictor):
             description="What the image should not show. Only has an effect when guidance_scale is above 1.",
             default="",
         ),
+        image: Optional[Path] = Input(
+            description="Image to start from (URL or upload): alone it is image-to-image, with mask it is inpainting. Not available with PixArt.",
+            default=None,
+        ),
+        mask: Optional[Path] = Input(
+            description="Inpainting mask, the size of image: white areas are repainted, black areas kept. Needs image.",
+            default=None,
+        ),
+        prompt_strength: float = Input(
+            description="With an image: how much of it is repainted, 0-1. The last floor(num_inference_steps x prompt_strength) steps run (at least one); 1 starts from pure noise. Ignored without image.",
+            ge=0, le=1, default=0.8,
+        ),
         aspect_ratio: str = Input(
-            description="Width:height of the image, at about the model's native area (1024x1024 for SDXL, SD3 and PixArt; 512x512 for SD1.5). 'custom' uses width and height.",
-            choices=["1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "21:9", "9:21", "custom"],
-            default="1:1",
+            description="Width:height of the image, at about the model's native area (1024x1024 for SDXL, SD3 and PixArt; 512x512 for SD1.5). 'match_input_image' keeps the ratio of image (1:1 without one); 'custom' uses width and height. An image of another ratio is centre-cropped to it.",
+            choices=["match_input_image", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "21:9", "9:21", "custom"],
+            default="match_input_image",
         ),
         width: Optional[int] = Input(
             description="Image width in pixels, with aspect_ratio 'custom': 64-2048, a multiple of 16.",
@@ -68,11 +83,20 @@ class Predictor(BasePredictor):
         output_quality: int = Input(
             description="Quality of webp and jpg images, 1-100 (ignored for png).", ge=1, le=100, default=80
         ),
+        disable_safety_checker: bool = Input(
+            description="Skip the safety checker. When it runs, flagged images are left out of the output; the prediction fails only if every image is flagged.",
+            default=False,
+        ),
     ) -> List[Path]:
+        # coglet leaves the input copies of a request it rejected after downloading part of them; remove them.
+        sweep_input_copies(keep=(image, mask))
         request = build_request(
             self.model,
             prompt=prompt,
             negative_prompt=negative_prompt,
+            image=image,
+            mask=mask,
+            prompt_strength=prompt_strength,
             aspect_ratio=aspect_ratio,
             width=width,
             height=height,
@@ -82,9 +106,20 @@ class Predictor(BasePredictor):
             seed=seed,
             output_format=output_format,
             output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
         )
-        generated = self.engine.generate(request)
-        return [Path(path) for path in write_outputs(generated, request, self.model, self._fresh_output_dir())]
+        # Out of memory: a message saying what to lower, memory freed; after any failure or cancellation the
+        # engine is restored, so the worker (which Cog never restarts) carries on.
+        with PredictionGuard(self.engine, request):
+            generated = self.engine.generate(request)
+        output_dir = self._fresh_output_dir()
+        try:
+            paths = write_outputs(generated, request, self.model, output_dir)
+        except BaseException:  # failed or cancelled while writing: no partial files left behind
+            shutil.rmtree(output_dir, ignore_errors=True)
+            self.output_dir = None
+            raise
+        return [Path(path) for path in paths]
 
     def _fresh_output_dir(self) -> _Path:
         # Cog has sent the previous prediction's files by the time the next one starts.

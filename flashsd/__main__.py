@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", choices=list(MODELS), help="default: FLASHSD_MODEL or sdxl")
     run.add_argument("--weights", help="weights root (default: FLASHSD_WEIGHTS or weights/)")
     run.add_argument("--output-dir", default="outputs")
-    sizes = commands.add_parser("sizes", help="print the aspect-ratio sizes of each model (Markdown)")
+    commands.add_parser("sizes", help="print the aspect-ratio sizes of each model (Markdown)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

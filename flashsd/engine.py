@@ -3,6 +3,7 @@ images with one generator per image."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from . import faults, speed
 from .errors import WeightsError
 from .models import FlashModel
 from .request import GenerationRequest
+from .safety import ImagesFlagged, SafetyChecker
 from .schedulers import FlashFlowMatchEulerDiscreteScheduler
 from .weights import repo_dir
 
@@ -87,6 +90,7 @@ def _attach_adapter(pipe, model: FlashModel, adapter_dir: Path) -> int:
     silent no-op diffusers makes of it."""
     weights_file = _adapter_weights_file(model, adapter_dir)
     held = _adapter_module_count(weights_file)
+    faults.check_adapter(weights_file, getattr(pipe, model.denoiser), model)  # before anything is attached
     before = _fingerprints(getattr(pipe, model.denoiser))
     if model.adapter_format == "lora":
         pipe.load_lora_weights(adapter_dir, weight_name=weights_file.name, adapter_name=ADAPTER_NAME)
@@ -111,14 +115,58 @@ def _attach_adapter(pipe, model: FlashModel, adapter_dir: Path) -> int:
     return changed
 
 
+def _derive(pipe, class_name: str):
+    """A `class_name` pipeline on the very components of `pipe`: diffusers' `from_pipe` without its final
+    `.to(dtype)`, so nothing is loaded, copied or cast (the shared modules stay exactly as loaded)."""
+    pipeline_class = getattr(diffusers, class_name)
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    arguments = {name: module for name, module in pipe.components.items() if name in accepted}
+    # Pipeline-level settings (requires_safety_checker, force_zeros_for_empty_prompt, ...), as from_pipe does.
+    arguments |= {
+        key: value for key, value in pipe.config.items()
+        if key in accepted and key not in arguments and not key.startswith("_")
+    }  # fmt: skip
+    derived = pipeline_class(**arguments)
+    derived.set_progress_bar_config(disable=True)
+    return derived
+
+
 class Engine:
     """A loaded Flash pipeline. Knows nothing of Cog: the predictor, the command line, the tests and
-    the benchmarks all drive it directly."""
+    the benchmarks all drive it directly.
 
-    def __init__(self, model: FlashModel, pipe, runtime: Runtime):
+    Text-to-image runs `pipe`; image-to-image and inpainting run the model table's pipelines built on the
+    same component objects (`pipeline_for`), so switching modes loads and allocates no weights."""
+
+    def __init__(self, model: FlashModel, pipe, runtime: Runtime, safety_checker: SafetyChecker | None = None):
         self.model = model
         self.pipe = pipe
         self.runtime = runtime
+        self.safety_checker = safety_checker
+        self._mode_pipelines: dict[str, object] = {}
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The generation modes this model supports (GenerationRequest.mode values)."""
+        extra = (("image-to-image", self.model.img2img_pipeline), ("inpainting", self.model.inpaint_pipeline))
+        return ("text-to-image",) + tuple(mode for mode, pipeline in extra if pipeline)
+
+    def pipeline_for(self, mode: str):
+        """The pipeline that runs `mode`. Built once, on `self.pipe`'s components; built again (still sharing
+        them) only if a component of `self.pipe` was replaced since."""
+        if mode == "text-to-image":
+            return self.pipe
+        if mode not in self.modes:
+            raise ValueError(f"{self.model.title} has no {mode} pipeline (modes: {', '.join(self.modes)})")
+        derived = self._mode_pipelines.get(mode)
+        if derived is None or any(
+            getattr(derived, name, None) is not module
+            for name, module in self.pipe.components.items()
+            if name in derived.components
+        ):
+            class_name = self.model.img2img_pipeline if mode == "image-to-image" else self.model.inpaint_pipeline
+            derived = self._mode_pipelines[mode] = _derive(self.pipe, class_name)
+        return derived
 
     @classmethod
     def load(cls, model: FlashModel, root: Path, runtime: Runtime | None = None) -> "Engine":
@@ -141,7 +189,13 @@ class Engine:
             model.title, runtime.device, str(runtime.dtype).removeprefix("torch."),
             time.perf_counter() - started, changed, model.denoiser,
         )
-        return cls(model, pipe, runtime)
+        checker = None
+        if model.safety_checker is not None:
+            checker = SafetyChecker.load(root, model.safety_checker, runtime.device, runtime.dtype)
+        engine = cls(model, pipe, runtime, checker)
+        for mode in engine.modes:
+            engine.pipeline_for(mode)  # built now, so a problem shows in setup
+        return speed.optimize(engine, root)  # eager fast-path checks; FLASHSD_COMPILE=1 compiles
 
     def pipeline_arguments(self, request: GenerationRequest) -> dict:
         """The one pipeline call a request becomes (shared with the benchmarks and fidelity tests)."""
@@ -160,16 +214,58 @@ class Engine:
         )
         if request.guidance_scale > 1:
             arguments["negative_prompt"] = request.negative_prompt
+        if request.image is not None:
+            # One copy per image, so the pipeline encodes image i (and, inpainting, the masked image i) with
+            # generator i: every image's stream is then the same in a batch as alone (the seeds contract).
+            arguments["image"] = [request.image] * request.num_outputs
+            if request.mask is not None:
+                arguments["mask_image"] = [request.mask] * request.num_outputs
+            # steps_run / steps is exact for the steps flashsd allows, so every pipeline (SD's floor and SD3's
+            # ceiling alike) runs exactly the last request.steps_run steps of the schedule.
+            arguments["strength"] = request.steps_run / request.num_inference_steps
+            if "width" not in inspect.signature(self.pipeline_for(request.mode).__call__).parameters:
+                # SD / SDXL image-to-image take the size from the image, which is already width x height.
+                del arguments["width"], arguments["height"]
         return arguments
 
     def generate(self, request: GenerationRequest) -> list[GeneratedImage]:
+        """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all)."""
+        pipe = self.pipeline_for(request.mode)
         arguments = self.pipeline_arguments(request)
+        steps = f"{request.num_inference_steps} steps"
+        if request.image is not None:
+            steps = (
+                f"{request.steps_run} of {request.num_inference_steps} steps "
+                f"(prompt_strength {request.prompt_strength:g})"
+            )
         log.info(
-            "Generating %d image(s) at %dx%d, %d steps, guidance %g; seeds %s",
-            request.num_outputs, request.width, request.height, request.num_inference_steps,
+            "Generating %d image(s) (%s) at %dx%d, %s, guidance %g; seeds %s",
+            request.num_outputs, request.mode, request.width, request.height, steps,
             request.guidance_scale, ", ".join(map(str, request.seeds)),
         )
-        noise_source = getattr(self.pipe.scheduler, "noise_generators", None)
+        noise_source = getattr(pipe.scheduler, "noise_generators", None)
         with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
-            images = self.pipe(**arguments).images
-        return [GeneratedImage(image, seed) for image, seed in zip(images, request.seeds)]
+            images = pipe(**arguments).images
+        if request.mask is not None:
+            # Outside the mask, the input's own pixels: the pipeline's are only their VAE round trip.
+            images = [Image.composite(image, request.image, request.mask) for image in images]
+        return self._screen([GeneratedImage(image, seed) for image, seed in zip(images, request.seeds)], request)
+
+    def _screen(self, generated: list[GeneratedImage], request: GenerationRequest) -> list[GeneratedImage]:
+        """Leave out what the safety checker flags; fail only when that is every image."""
+        if self.safety_checker is None:
+            return generated
+        if not request.safety_checker:
+            log.info("Safety checker disabled for this prediction (disable_safety_checker)")
+            return generated
+        flags = self.safety_checker.flags([item.image for item in generated])
+        kept = [item for item, flagged in zip(generated, flags) if not flagged]
+        if len(kept) < len(generated):
+            log.warning(
+                "Safety checker: %d of %d image(s) flagged as potentially NSFW and left out (seeds %s)",
+                len(generated) - len(kept), len(generated),
+                ", ".join(str(item.seed) for item, flagged in zip(generated, flags) if flagged),
+            )
+        if not kept:
+            raise ImagesFlagged(len(generated))
+        return kept

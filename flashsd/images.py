@@ -17,21 +17,26 @@ UNICODE_PREFIX = b"UNICODE\x00"
 
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 # Pillow's WebP effort (0 fastest … 6 smallest) and zlib level for PNG: chosen by bench/encode.py.
-WEBP_METHOD = 4
-PNG_COMPRESS_LEVEL = 6
+# At q80 on a 1024² photo-like image, method 0 encodes ~3.4x faster than Pillow's default 4 (~25 vs
+# ~86 ms/MP on the team's CPU) for ~9 % more bytes at the same PSNR; level 1 writes PNG ~1.8x faster
+# than 6 for ~7 % more bytes.
+WEBP_METHOD = 0
+PNG_COMPRESS_LEVEL = 1
 
 
 def generation_parameters(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float, seed: int,
-    width: int, height: int, model: str,
+    width: int, height: int, model: str, denoising_strength: float | None = None,
 ) -> str:
-    """The settings in Automatic1111's 'parameters' text, which image tools already parse."""
+    """The settings in Automatic1111's 'parameters' text, which image tools already parse. Image-to-image and
+    inpainting add A1111's 'Denoising strength' (flashsd's prompt_strength)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
+    strength = "" if denoising_strength is None else f", Denoising strength: {denoising_strength:g}"
     lines.append(
         f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale:g}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {model}"
+        f"Size: {width}x{height}, Model: {model}{strength}"
     )
     return "\n".join(lines)
 
@@ -76,6 +81,7 @@ def write_outputs(generated, request, model, directory: Path) -> list[Path]:
             width=item.image.width,
             height=item.image.height,
             model=model.title,
+            denoising_strength=request.prompt_strength if getattr(request, "image", None) is not None else None,
         )
         path = directory / f"flash-{model.key}-{item.seed}-{tag}.{request.output_format}"
         jobs.append((item.image, path, request.output_format, request.output_quality, parameters))

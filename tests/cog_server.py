@@ -60,6 +60,14 @@ class CogServer:
         except (requests.ConnectionError, requests.Timeout, ValueError):
             return None
 
+    def wait_ready(self, timeout: float = 10) -> str | None:
+        """The health status once READY, or the last one seen after `timeout` s: coglet frees its slot a
+        moment after it answers a prediction, so right after a response it may still say BUSY."""
+        deadline = time.monotonic() + timeout
+        while (status := self.health()) != "READY" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return status
+
     def health_check(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=5).json()
 

@@ -16,3 +16,22 @@ def tiny_weights(tmp_path_factory) -> Path:
     """A weights root holding tiny random-weight copies of every Flash model's repos, in the real layout
     (`root / repo.id / file` for each file the product downloads)."""
     return build_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_weights):
+    """engines(key): the Engine of model `key` on the tiny weights (CPU, fp32), loaded once for the session.
+    Tests that change an engine put it back as they found it."""
+    import torch
+
+    from flashsd.engine import Engine, Runtime
+    from flashsd.models import MODELS
+
+    loaded = {}
+
+    def get(key):
+        if key not in loaded:
+            loaded[key] = Engine.load(MODELS[key], tiny_weights, Runtime(torch.device("cpu"), torch.float32))
+        return loaded[key]
+
+    return get

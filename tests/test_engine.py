@@ -30,17 +30,6 @@ def request(key, **inputs):
     return build_request(MODELS[key], **{"prompt": "a lighthouse at dawn", "seed": 1234, **SIZE, **inputs})
 
 
-@pytest.fixture(scope="session")
-def engines(tiny_weights):
-    loaded = {}
-
-    def get(key):
-        if key not in loaded:
-            loaded[key] = Engine.load(MODELS[key], tiny_weights, CPU32)
-        return loaded[key]
-
-    return get
-
 
 def card_pipeline(key, root, *, with_adapter=True, fuse=True):
     """Each model card's recipe, written out with plain diffusers and peft (no flashsd code but the SD3

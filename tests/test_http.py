@@ -66,7 +66,7 @@ def test_an_error_inside_predict_fails_with_a_readable_message_and_the_server_st
     body = server.predict({"prompt": "x", "aspect_ratio": "custom", "width": 100, "height": 64}).json()
     assert body["status"] == "failed"
     assert "width=100 is not allowed" in body["error"] and "96 or 112" in body["error"]
-    assert server.health() == "READY"
+    assert server.wait_ready() == "READY"
     assert server.predict({"prompt": "after the failure", **SMALL}).json()["status"] == "succeeded"
 
 
@@ -76,7 +76,7 @@ def test_malformed_json_is_a_400(server):
         timeout=30,
     )
     assert response.status_code == 400 and "JSON" in response.text
-    assert server.health() == "READY"
+    assert server.wait_ready() == "READY"
 
 
 def test_openapi_document_is_served(server):
@@ -91,4 +91,4 @@ def test_each_other_model_serves_a_round_trip(tiny_weights, tmp_path, key):
                           **SMALL}).json()
         assert body["status"] == "succeeded", (body, s.logs())
         assert [decode(url).format for url in body["output"]] == ["JPEG", "JPEG"]
-        assert s.health() == "READY"
+        assert s.wait_ready() == "READY"

@@ -34,7 +34,9 @@ def test_input_declarations_are_literals_that_cog_build_can_read():
 def test_declared_limits_agree_with_the_request_rules():
     schemas = json.loads(SCHEMA.read_text())["components"]["schemas"]
     inputs = schemas["Input"]["properties"]
-    assert schemas["aspect_ratio"]["enum"] == list(request.ASPECT_RATIOS) + [request.CUSTOM]
+    assert schemas["aspect_ratio"]["enum"] == [request.MATCH_INPUT] + list(request.ASPECT_RATIOS) + [request.CUSTOM]
+    assert inputs["aspect_ratio"]["default"] == request.MATCH_INPUT
+    assert inputs["prompt_strength"]["default"] == request.DEFAULT_PROMPT_STRENGTH
     assert schemas["output_format"]["enum"] == list(request.OUTPUT_FORMATS)
     for name, low, high in [
         ("width", request.MIN_SIDE, request.MAX_SIDE),
@@ -44,6 +46,7 @@ def test_declared_limits_agree_with_the_request_rules():
         ("guidance_scale", 0, request.MAX_GUIDANCE),
         ("seed", 0, request.MAX_SEED),
         ("output_quality", 1, 100),
+        ("prompt_strength", 0, 1),
     ]:
         assert (inputs[name]["minimum"], inputs[name]["maximum"]) == (low, high), name
     assert schemas["Input"]["required"] == ["prompt"]
