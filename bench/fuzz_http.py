@@ -1,0 +1,675 @@
+#!/usr/bin/env python3
+"""Fuzzing the HTTP API of the real Cog server (coglet) as the container runs it, on loopback.
+
+Requests are generated from the server's own OpenAPI schema (GET /openapi.json), so new inputs are fuzzed
+without touching this file: wrong types, out-of-range and boundary values, bad choices, explicit nulls,
+missing and unknown fields, empty / whitespace-only / huge (100 kB) / non-Latin / over-77-token prompts,
+malformed JSON and wrong content types, cross-field mistakes, `num_outputs` 4 at the largest size, and
+seeded random mixtures of all of these. Each request must end as one of:
+
+- HTTP 4xx with a clear message (422 `detail` naming the field, 400 naming the JSON problem, 409 busy, ...);
+- HTTP 200 `status: failed` with an error that names the input at fault and is not a traceback;
+- HTTP 200 `status: succeeded` (the request was valid after all) or `canceled` (cancelled on purpose);
+
+and /health-check must answer READY afterwards, with the same worker process (coglet never restarts one).
+
+    python bench/fuzz_http.py                      # tiny random weights (built in a temp dir), all cases
+    python bench/fuzz_http.py --cases 2000 --full  # more random mixtures; heavy cases run to completion
+    python bench/fuzz_http.py --model sd15 --weights weights/ --json fuzz.json
+
+tests/test_robustness_http.py runs the same generator (at least 500 requests) in the test suite; heavy cases
+(native-size aspect ratios, 4 images at 2048x2048) are cancelled there once running, and run to completion
+here with --full.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+import requests  # noqa: E402
+
+from tests.cog_server import CogServer, free_port  # noqa: E402
+
+# -- the server and its worker process ---------------------------------------------------------------------------
+
+
+def server_root(folder: Path) -> Path:
+    """A working directory for the server: the project's code (symlinked) and an OpenAPI schema generated now
+    from predict.py (coglet validates inputs only when `.cog/openapi_schema.json` is there), so a test never
+    depends on a stale or half-written schema in the shared checkout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("predict.py", "flashsd", "cog.yaml", "tests"):
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(PROJECT / name)
+    schema = subprocess.run(
+        [sys.executable, str(PROJECT / "scripts" / "openapi-schema"), "--stdout"],
+        cwd=PROJECT, capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    (folder / ".cog").mkdir(exist_ok=True)
+    (folder / ".cog" / "openapi_schema.json").write_text(schema)
+    return folder
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+def worker_pid(server: CogServer) -> int:
+    """The Python worker coglet spawned (its only child process)."""
+    pids = children(server.process.pid)
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one worker process under coglet, found {pids}")
+    return pids[0]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def wait_ready(server: CogServer, timeout: float = 30) -> tuple[str | None, float]:
+    """CogServer.wait_ready, timed: (last status, seconds)."""
+    started = time.monotonic()
+    return server.wait_ready(timeout), time.monotonic() - started
+
+
+def post_when_ready(server: CogServer, inputs: dict, timeout: float = 300, attempts: int = 50) -> requests.Response:
+    """POST a prediction, waiting for the slot first; a 409 right after the previous response is retried."""
+    for _ in range(attempts):
+        wait_ready(server)
+        response = server.predict(inputs, timeout=timeout)
+        if response.status_code != 409:
+            return response
+        time.sleep(0.05)
+    return response
+
+
+# -- cases -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    inputs: dict | None = None  # sent as {"input": inputs}
+    body: bytes | None = None  # sent as is (malformed requests)
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    names: tuple[str, ...] = ()  # what a failure message must mention (any of them); () = anything readable
+    heavy: bool = False  # runs at native size or larger: cancelled in the test suite, completed with --full
+    expect_log: str | None = None  # a line the server log must contain afterwards
+
+
+CHUNK_TOKENS = "a lighthouse at dawn, oil painting, highly detailed, dramatic clouds, "
+
+
+def tiny_png(size: tuple[int, int] = (64, 64), color=(200, 30, 30), mode: str = "RGB") -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def prompt_values() -> list[tuple[str, str, bool]]:
+    """(label, prompt, over the 77-token limit)."""
+    huge = (CHUNK_TOKENS * 2000)[:100_000]
+    return [
+        ("empty", "", False),
+        ("space", " ", False),
+        ("whitespace", " \t\n\r  ", False),
+        ("ideographic space", "\u3000\u3000", False),
+        ("zero-width space", "\u200b", False),
+        ("one letter", "a", False),
+        ("chinese", "一只猫坐在红色的椅子上，阳光明媚的房间", False),
+        ("japanese", "月明かりの下の古い城、油絵、詳細", False),
+        ("korean", "해질녘 바다 위의 작은 배", False),
+        ("arabic", "قطة تجلس على كرسي أحمر في غرفة مشمسة", False),
+        ("hebrew", "חתול יושב על כיסא אדום", False),
+        ("hindi", "सूर्यास्त के समय पहाड़ों का दृश्य", False),
+        ("russian", "Кошка сидит на красном стуле", False),
+        ("greek", "Μια γάτα σε μια κόκκινη καρέκλα", False),
+        ("thai", "แมวนั่งบนเก้าอี้สีแดง", False),
+        ("emoji", "🐱🪑☀️🌈 a cat 🐈‍⬛👩‍👩‍👧", False),
+        ("combining marks", "a̷̛̗ ̶c̸̨a̵̺t̴͎ ̷o̶͔n̵ ̸a̶ ̴c̷h̶a̵i̴r̸" * 3, False),
+        ("right-to-left override", "\u202ea cat on a chair\u202c", False),
+        ("NUL and controls", "a cat\x00 on\x01 a\x07 chair\x1b[31m", False),
+        ("newlines", "a cat\n\non a chair\r\n" * 5, False),
+        ("html", "<script>alert(1)</script><img src=x onerror=alert(1)>", False),
+        ("sql", "'; DROP TABLE predictions; --", False),
+        ("format strings", "%s %d %n {0} {prompt} ${HF_TOKEN} {{}}", False),
+        ("backslashes", "C:\\path\\to\\file \\u0041 \\x00", False),
+        ("special tokens", "<|startoftext|><|endoftext|></s><pad><unk>", False),
+        ("77-token boundary", CHUNK_TOKENS * 6, True),
+        ("1 000 characters", (CHUNK_TOKENS * 20)[:1000], True),
+        ("4 999 characters", (CHUNK_TOKENS * 100)[:4999], True),
+        ("5 001 characters", (CHUNK_TOKENS * 100)[:5001], True),
+        ("100 kB latin", huge, True),
+        ("100 kB chinese", ("长城在日落时分的壮丽景色，" * 10_000)[:100_000], True),
+        ("100 kB emoji", "🐱" * 100_000, True),
+        ("long chinese", "长城在日落时分的壮丽景色，油画风格，细节丰富，" * 12, True),
+        ("long non-latin mix", "Кошка 猫 قطة 🐱 γάτα " * 60, True),
+    ]
+
+
+def _wrong_types(kind: str) -> list[tuple[str, Any]]:
+    base = [("null", None), ("list", [1]), ("object", {"a": 1}), ("true", True)]
+    if kind == "string":
+        return base + [("integer", 5), ("float", 1.5)]
+    if kind == "integer":
+        return base + [("string", "3"), ("float", 1.5), ("float-integral", 2.0), ("empty string", ""),
+                       ("2^64", 2**64), ("-2^63-1", -(2**63) - 1), ("1e308", 1e308)]
+    if kind == "number":
+        return base + [("string", "0.5"), ("NaN string", "NaN"), ("inf string", "Infinity"), ("1e308", 1e308),
+                       ("-1e308", -1e308)]
+    if kind == "boolean":
+        return [("null", None), ("string", "true"), ("integer", 1), ("list", [True])]
+    return base
+
+
+class Generator:
+    """Cases from an OpenAPI document; `base` is a valid, cheap request (64x64 when 'custom' exists)."""
+
+    def __init__(self, schema: dict, seed: int = 0, closed_port: int | None = None):
+        self.schema = schema
+        components = schema["components"]["schemas"]
+        self.input = components["Input"]
+        self.properties: dict[str, dict] = {}
+        for name, prop in self.input["properties"].items():
+            prop = dict(prop)
+            for ref in prop.pop("allOf", []):
+                prop |= components[ref["$ref"].rsplit("/", 1)[1]]
+            self.properties[name] = prop
+        self.required = set(self.input.get("required", []))
+        self.random = random.Random(seed)
+        self.closed = closed_port or free_port()
+        choices = self.properties.get("aspect_ratio", {}).get("enum", [])
+        self.base: dict[str, Any] = {"prompt": "a lighthouse at dawn"}
+        if "custom" in choices and {"width", "height"} <= set(self.properties):
+            self.base |= {"aspect_ratio": "custom", "width": 64, "height": 64}
+        if "disable_safety_checker" in self.properties:
+            # tiny random weights make the checker's verdicts random: keep runs comparable
+            self.base["disable_safety_checker"] = True
+
+    def with_(self, **changes) -> dict:
+        inputs = dict(self.base)
+        for k, v in changes.items():
+            if v is _DROP:
+                inputs.pop(k, None)
+            else:
+                inputs[k] = v
+        return inputs
+
+    # -- per field --
+
+    def field_cases(self) -> list[Case]:
+        cases = []
+        for name, prop in self.properties.items():
+            kind = prop.get("type")
+            heavy = name == "aspect_ratio"  # any named ratio is the native size
+            for label, value in _wrong_types(kind):
+                cases.append(Case(f"{name}: {label}", self.with_(**{name: value}), names=(name,)))
+            if name not in self.required:
+                cases.append(Case(f"{name}: omitted", self.with_(**{name: _DROP}), names=(name,),
+                                  heavy=heavy or (name in ("width", "height") and "aspect_ratio" in self.base)))
+            else:
+                cases.append(Case(f"{name}: missing", self.with_(**{name: _DROP}), names=(name,)))
+            if "enum" in prop:
+                for choice in prop["enum"]:
+                    valid = self.with_(**{name: choice})
+                    if name == "aspect_ratio" and choice != "custom":
+                        valid = self.with_(**{name: choice, "width": _DROP, "height": _DROP})
+                    cases.append(Case(f"{name}: {choice!r}", valid, names=(name,), heavy=heavy and choice != "custom"))
+                first = prop["enum"][0]
+                for label, value in [("empty", ""), ("space", " "), ("upper case", str(first).upper() + "X"),
+                                     ("padded", f" {first} "), ("emoji", "🙂"), ("long", "x" * 10_000)]:
+                    cases.append(Case(f"{name}: bad choice {label}", self.with_(**{name: value}), names=(name,)))
+            if kind in ("integer", "number") and "minimum" in prop and "maximum" in prop:
+                low, high = prop["minimum"], prop["maximum"]
+                step = 1 if kind == "integer" else 0.001
+                for label, value in [("minimum", low), ("maximum", high), ("below minimum", low - step),
+                                     ("above maximum", high + step), ("negative", -abs(high) - 1)]:
+                    cases.append(Case(f"{name}: {label} {value}", self.with_(**{name: value}), names=(name,)))
+                if kind == "integer" and high - low > 16:
+                    for value in self.random.sample(range(int(low), int(high) + 1), 3):
+                        cases.append(Case(f"{name}: random {value}", self.with_(**{name: value}), names=(name,)))
+            if prop.get("format") == "uri":
+                cases += self.uri_cases(name)
+        return cases
+
+    def uri_cases(self, name: str) -> list[Case]:
+        """A file input: what coglet downloads or decodes before predict() sees a path."""
+        other = {"mask": {"image": tiny_png()}}.get(name, {})
+        values = [
+            ("empty", ""),
+            ("not a url", "not a url"),
+            ("truncated data url", "data:image/png;base64,AAAA"),
+            ("text data url", "data:text/plain;base64," + base64.b64encode(b"hello").decode()),
+            ("bad base64", "data:image/png;base64,@@@@"),
+            ("unreachable http", f"http://127.0.0.1:{self.closed}/x.png"),
+            ("unsupported scheme", "ftp://127.0.0.1/x.png"),
+            ("local file", "file:///etc/passwd"),
+            ("1x1 image", tiny_png((1, 1))),
+            ("very wide image", tiny_png((4000, 16))),
+            ("palette with alpha", tiny_png((64, 64), 3, "P")),
+        ]
+        return [Case(f"{name}: {label}", self.with_(**other, **{name: value}), names=(name,)) for label, value in values]
+
+    # -- prompts --
+
+    def prompt_cases(self) -> list[Case]:
+        cases = []
+        for label, text, long in prompt_values():
+            expect = "tokens long but" if long and len(text) <= 5000 else None
+            cases.append(Case(f"prompt: {label}", self.with_(prompt=text), names=("prompt",), expect_log=expect))
+            if "negative_prompt" in self.properties and "guidance_scale" in self.properties:
+                cases.append(Case(f"negative_prompt: {label}", self.with_(negative_prompt=text, guidance_scale=2),
+                                  names=("negative_prompt",)))
+        return cases
+
+    # -- across fields --
+
+    def cross_cases(self) -> list[Case]:
+        p = self.properties
+        cases = []
+        if {"width", "height", "aspect_ratio"} <= set(p):
+            cases += [
+                Case("width with a named ratio", self.with_(aspect_ratio="1:1", height=_DROP), names=("width",)),
+                Case("custom without height", self.with_(height=_DROP), names=("height",)),
+                Case("custom without width", self.with_(width=_DROP), names=("width",)),
+                Case("size not a multiple of 16", self.with_(width=100), names=("width",)),
+                Case("widest", self.with_(width=2048, height=64), names=("width",)),
+                Case("tallest", self.with_(width=64, height=2048), names=("height",)),
+                Case("4 images at the largest size",
+                     self.with_(width=2048, height=2048, num_outputs=4, output_format="jpg"),
+                     names=("num_outputs", "width"), heavy=True),
+            ]
+        if {"negative_prompt", "guidance_scale"} <= set(p):
+            cases += [
+                Case("negative prompt without guidance", self.with_(negative_prompt="blurry", guidance_scale=0),
+                     names=("negative_prompt", "guidance_scale")),
+                Case("negative prompt at guidance 1", self.with_(negative_prompt="blurry", guidance_scale=1),
+                     names=("negative_prompt", "guidance_scale")),
+                Case("guidance 10 with a negative prompt", self.with_(negative_prompt="blurry", guidance_scale=10),
+                     names=("guidance_scale",)),
+            ]
+        if "seed" in p and "num_outputs" in p:
+            cases.append(Case("largest seed, 4 images", self.with_(seed=p["seed"]["maximum"], num_outputs=4),
+                              names=("seed",)))
+            cases.append(Case("seed 0", self.with_(seed=0), names=("seed",)))
+        if {"image", "mask"} <= set(p):
+            cases += [
+                Case("image to image", self.with_(image=tiny_png()), names=("image",)),
+                Case("inpainting", self.with_(image=tiny_png(), mask=tiny_png((64, 64), 255, "L")), names=("mask",)),
+                Case("mask without image", self.with_(mask=tiny_png((64, 64), 255, "L")), names=("mask", "image")),
+                Case("black mask", self.with_(image=tiny_png(), mask=tiny_png((64, 64), 0, "L")), names=("mask",)),
+                Case("mask of another size", self.with_(image=tiny_png(), mask=tiny_png((32, 48), 255, "L")),
+                     names=("mask",)),
+            ]
+        cases += [
+            Case("unknown field", self.with_(foo=1), names=("foo",)),
+            Case("unknown field, wrong case", self.with_(Prompt="x"), names=("Prompt",)),
+            Case("__proto__ field", self.with_(__proto__={"admin": True}), names=("__proto__",)),
+            Case("empty field name", self.with_(**{"": 1}), names=("",)),
+            Case("200 unknown fields", self.with_(**{f"extra_{i}": i for i in range(200)}), names=()),
+            Case("empty input", {}, names=("prompt",)),
+        ]
+        return cases
+
+    # -- bodies --
+
+    def body_cases(self) -> list[Case]:
+        valid = json.dumps({"input": self.base}).encode()
+        j = {"Content-Type": "application/json"}
+        raw = [
+            ("empty body", b""),
+            ("open brace", b"{"),
+            ("not json", b"{not json"),
+            ("array", b"[]"),
+            ("null", b"null"),
+            ("number", b"42"),
+            ("string", b'"a cat"'),
+            ("input null", b'{"input": null}'),
+            ("input array", b'{"input": []}'),
+            ("input string", b'{"input": "a cat"}'),
+            ("no input", b"{}"),
+            ("trailing comma", b'{"input": {"prompt": "a cat",}}'),
+            ("NaN literal", b'{"input": {"prompt": "a cat", "guidance_scale": NaN}}'),
+            ("Infinity literal", b'{"input": {"prompt": "a cat", "guidance_scale": Infinity}}'),
+            ("1e999", b'{"input": {"prompt": "a cat", "guidance_scale": 1e999}}'),
+            ("duplicate keys", b'{"input": {"prompt": "a cat", "prompt": ""}}'),
+            ("lone surrogate", b'{"input": {"prompt": "a \\ud800 cat"}}'),
+            ("invalid utf-8", b'{"input": {"prompt": "\xff\xfe cat"}}'),
+            ("utf-8 BOM", b"\xef\xbb\xbf" + valid),
+            ("nested 100 000 deep", b"[" * 100_000 + b"]" * 100_000),
+            ("nested input", b'{"input": {"prompt": {"prompt": {"prompt": "a"}}}}'),
+            ("truncated valid body", valid[: len(valid) // 2]),
+            ("single quotes", b"{'input': {'prompt': 'a cat'}}"),
+            ("comment", b'{"input": {"prompt": "a cat"} /* hi */}'),
+            ("3 MB prompt", json.dumps({"input": self.with_(prompt="a" * 3_000_000)}).encode()),
+        ]
+        cases = [Case(f"body: {label}", body=body, headers=j) for label, body in raw]
+        cases += [
+            Case("body: text/plain", body=valid, headers={"Content-Type": "text/plain"}),
+            Case("body: no content type", body=valid, headers={}),
+            Case("body: form encoded", body=b"prompt=a+cat", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+            Case("body: bad webhook", body=json.dumps({"input": self.base, "webhook": "not a url"}).encode(), headers=j),
+            Case("body: unreachable webhook",
+                 body=json.dumps({"input": self.base, "webhook": f"http://127.0.0.1:{self.closed}/hook"}).encode(), headers=j),
+            Case("body: bad webhook filter",
+                 body=json.dumps({"input": self.base, "webhook_events_filter": ["bogus"]}).encode(), headers=j),
+            Case("body: path-like id", body=json.dumps({"input": self.base, "id": "../../etc/passwd"}).encode(), headers=j),
+            Case("body: output_file_prefix", body=json.dumps({"input": self.base, "output_file_prefix": f"http://127.0.0.1:{self.closed}/"}).encode(), headers=j),
+        ]
+        return cases
+
+    # -- random mixtures --
+
+    def mixtures(self, count: int, pool: list[Case]) -> list[Case]:
+        """Two or three single-field perturbations at once: the first problem found must still be named."""
+        singles = [c for c in pool if c.inputs is not None and len(c.names) == 1 and not c.heavy]
+        cases = []
+        for i in range(count):
+            picked = self.random.sample(singles, self.random.choice((2, 3)))
+            inputs = dict(self.base)
+            for case in picked:
+                for k in set(self.base) | set(case.inputs):
+                    if k not in case.inputs:
+                        inputs.pop(k, None)
+                    elif case.inputs[k] != self.base.get(k, _DROP):
+                        inputs[k] = case.inputs[k]
+            names = tuple(sorted({n for c in picked for n in c.names}))
+            cases.append(Case(f"mix {i}: " + " + ".join(c.name for c in picked), inputs, names=names,
+                              heavy=self.heavy(inputs)))
+        return cases
+
+    def heavy(self, inputs: dict) -> bool:
+        """Whether a request, if valid, runs at more than a few 256x256 images' worth of pixels."""
+        ratio = inputs.get("aspect_ratio", self.properties.get("aspect_ratio", {}).get("default"))
+        if ratio in self.properties.get("aspect_ratio", {}).get("enum", ()) and ratio != "custom":
+            return True  # the model's native size
+        width, height, count = (inputs.get(k) for k in ("width", "height", "num_outputs"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (width, height)):
+            return False
+        count = count if isinstance(count, int) and not isinstance(count, bool) and 0 < count < 5 else 1
+        return width * height * count > 4 * 256 * 256
+
+    def cases(self, mixtures: int = 200) -> list[Case]:
+        pool = self.field_cases() + self.prompt_cases() + self.cross_cases()
+        return pool + self.body_cases() + self.mixtures(mixtures, pool)
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "<omitted>"
+
+
+_DROP = _Drop()
+
+
+# -- running them ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    case: str
+    http: int
+    kind: str  # "422", "400", "failed", "succeeded", "canceled", ...
+    message: str
+    seconds: float
+    health: str | None
+    health_s: float
+    first_health: str | None  # /health-check at once after the response (BUSY for a moment is coglet's normal)
+    problems: list[str]
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome] = field(default_factory=list)
+    worker_pid_before: int = 0
+    worker_pid_after: int = 0
+    server_alive: bool = True
+    seconds: float = 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        found = [f"{o.case}: {p}" for o in self.outcomes for p in o.problems]
+        if self.worker_pid_after != self.worker_pid_before or not self.server_alive:
+            found.append(f"worker {self.worker_pid_before} replaced by {self.worker_pid_after} (server alive: {self.server_alive})")
+        return found
+
+    @property
+    def worker_deaths(self) -> int:
+        return int(self.worker_pid_after != self.worker_pid_before or not self.server_alive)
+
+    def by_kind(self) -> dict[str, int]:
+        return dict(collections.Counter(o.kind for o in self.outcomes).most_common())
+
+    def summary(self) -> dict:
+        slowest = max(self.outcomes, key=lambda o: o.seconds) if self.outcomes else None
+        return {
+            "requests": len(self.outcomes),
+            "by_kind": self.by_kind(),
+            "problems": len(self.problems),
+            "worker_deaths": self.worker_deaths,
+            "seconds": round(self.seconds, 1),
+            "slowest": f"{slowest.case} ({slowest.seconds:.1f} s)" if slowest else None,
+            "busy_at_once_after_response": sum(o.first_health != "READY" for o in self.outcomes),
+            "longest_until_ready_s": round(max((o.health_s for o in self.outcomes), default=0), 3),
+        }
+
+
+def _mentions(text: str, names: tuple[str, ...]) -> bool:
+    if not names:
+        return True
+    lowered = text.lower()
+    return any(n.lower() in lowered or n.replace("_", " ").lower() in lowered for n in names if n)
+
+
+def judge(case: Case, response: requests.Response) -> tuple[str, str, list[str]]:
+    """(kind, message, problems) for one response."""
+    problems = []
+    code = response.status_code
+    text = response.text
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if code >= 500:
+        return f"http {code}", text[:300], [f"HTTP {code}: {text[:300]}"]
+    if code == 200:
+        if not isinstance(payload, dict) or "status" not in payload:
+            return "200 without status", text[:300], ["HTTP 200 without a prediction status"]
+        status = payload["status"]
+        if status == "failed":
+            error = str(payload.get("error") or "")
+            if not error.strip():
+                problems.append("failed without an error message")
+            if "Traceback (most recent call last)" in error:
+                problems.append(f"the error is a traceback: {error[:200]}")
+            if case.inputs is not None and not _mentions(error, case.names) and "Input validation error" not in error:
+                problems.append(f"the error does not name {' or '.join(case.names)}: {error[:300]}")
+            return "failed", error, problems
+        if status == "succeeded":
+            output = payload.get("output")
+            if not output:
+                problems.append("succeeded without output")
+            return "succeeded", "", problems
+        return status, str(payload.get("error") or ""), problems
+    if code == 422:
+        detail = payload.get("detail") if isinstance(payload, dict) else None
+        message = json.dumps(detail) if detail is not None else text
+        if not message.strip():
+            problems.append("422 without a message")
+        elif case.inputs is not None and case.names and detail is not None and not _mentions(message, case.names):
+            problems.append(f"422 does not name {' or '.join(case.names)}: {message[:300]}")
+        return "422", message[:500], problems
+    if 400 <= code < 500:
+        if not text.strip():
+            problems.append(f"HTTP {code} without a message")
+        return str(code), text[:500], problems
+    return f"http {code}", text[:300], [f"unexpected HTTP {code}"]
+
+
+def send(server: CogServer, case: Case, timeout: float) -> requests.Response:
+    if case.body is not None:
+        return requests.post(f"{server.url}/predictions", data=case.body, headers=case.headers, timeout=timeout)
+    return server.predict(case.inputs, timeout=timeout)
+
+
+def run_heavy_cancelled(server: CogServer, case: Case, log_marker: str = "Generating") -> requests.Response:
+    """Start a heavy case as PUT /predictions/<id>, cancel it once the worker is generating, return the PUT's
+    response (its status must be 'canceled')."""
+    prediction_id = f"fuzz-heavy-{time.monotonic_ns()}"
+    result: dict[str, requests.Response] = {}
+    log_before = len(server.logs())
+
+    def put() -> None:
+        result["r"] = requests.put(f"{server.url}/predictions/{prediction_id}", json={"input": case.inputs}, timeout=900)
+
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and thread.is_alive():
+        if log_marker in server.logs()[log_before:]:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    if thread.is_alive():
+        requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10)
+    thread.join(timeout=900)
+    return result["r"]
+
+
+def run_cases(
+    server: CogServer, cases: list[Case], *, full: bool = False, timeout: float = 600,
+    progress: Callable[[int, Outcome], None] | None = None,
+) -> Report:
+    report = Report(worker_pid_before=worker_pid(server))
+    started = time.monotonic()
+    for i, case in enumerate(cases):
+        wait_ready(server)
+        t = time.monotonic()
+        if case.heavy and not full:
+            response = run_heavy_cancelled(server, case)
+        else:
+            response = send(server, case, timeout)
+            for _ in range(50):  # the slot is freed a moment after the previous response
+                if response.status_code != 409:
+                    break
+                wait_ready(server)
+                response = send(server, case, timeout)
+        seconds = time.monotonic() - t
+        kind, message, problems = judge(case, response)
+        first_health = server.health()
+        health, health_s = wait_ready(server)
+        if health != "READY":
+            problems.append(f"/health-check says {health} {health_s:.0f} s after the response")
+        outcome = Outcome(case.name, response.status_code, kind, message, seconds, health, health_s, first_health, problems)
+        report.outcomes.append(outcome)
+        if progress:
+            progress(i, outcome)
+        if server.process.poll() is not None:
+            report.server_alive = False
+            break
+    report.seconds = time.monotonic() - started
+    report.server_alive = report.server_alive and server.process.poll() is None
+    try:
+        report.worker_pid_after = worker_pid(server)
+    except (RuntimeError, FileNotFoundError):
+        report.worker_pid_after = -1
+    return report
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def build_weights(folder: Path, key: str) -> Path:
+    from tests.tiny_repos import build_tiny_weights
+
+    return build_tiny_weights(folder, (key,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--weights", type=Path, help="weights root (default: tiny random weights, built now)")
+    parser.add_argument("--mixtures", type=int, default=300, help="random multi-field cases on top of the fixed ones")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="run heavy cases to completion instead of cancelling them")
+    parser.add_argument("--json", type=Path, help="write every outcome here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="flashsd-fuzz-") as tmp:
+        tmp = Path(tmp)
+        weights = args.weights or build_weights(tmp / "weights", args.model)
+        (tmp / "tmp").mkdir()
+        env = {"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": args.model, "TMPDIR": str(tmp / "tmp"),
+               "HF_HUB_OFFLINE": "1"}
+        with CogServer(env, tmp / "server.log", cwd=server_root(tmp / "root")) as server:
+            if server.health() != "READY":
+                print(server.logs()[-3000:], file=sys.stderr)
+                return 1
+            schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+            cases = Generator(schema, args.seed).cases(args.mixtures)
+            rss_before = rss_mb(worker_pid(server))
+
+            def progress(i: int, o: Outcome) -> None:
+                flag = " PROBLEM" if o.problems else ""
+                print(f"[{i + 1}/{len(cases)}] {o.kind:>9} {o.seconds:6.2f}s  {o.case[:90]}{flag}", flush=True)
+
+            report = run_cases(server, cases, full=args.full, progress=progress)
+            missing_logs = [c.name for c in cases if c.expect_log and c.expect_log not in server.logs()]
+            summary = report.summary() | {
+                "model": args.model,
+                "worker_rss_mb": [round(rss_before), round(rss_mb(worker_pid(server))) if report.server_alive else None],
+                "full": args.full,
+            }
+        print(json.dumps(summary, indent=2))
+        for problem in report.problems:
+            print("PROBLEM", problem)
+        if missing_logs:
+            print("no truncation warning logged for:", missing_logs)
+        if args.json:
+            args.json.write_text(json.dumps({"summary": summary, "outcomes": [o.__dict__ for o in report.outcomes]},
+                                            indent=1, ensure_ascii=False, default=str))
+        return 1 if report.problems or missing_logs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

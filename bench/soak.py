@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Sustained load on the real Cog server (coglet) on loopback: many sequential predictions, then requests
+beyond capacity while one runs.
+
+Measures what would make a long-lived container fall over: the worker's and coglet's resident memory (RSS),
+their open file descriptors and threads, and the files left in the temporary folder, after a warm-up and
+after the run (sampled along the way, with the growth per 100 predictions from a least-squares fit); then
+that requests sent while a prediction runs get coglet's 409 and the running prediction's images are exactly
+those it gives alone.
+
+    python bench/soak.py                    # 300 predictions on tiny random weights (SDXL layout)
+    python bench/soak.py --predictions 1000 --model sd15 --json soak.json
+
+tests/test_robustness_http.py runs a shorter soak in the test suite with the same measurements and bounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+import requests  # noqa: E402
+
+from bench.fuzz_http import (  # noqa: E402
+    build_weights, files_under, open_fds, post_when_ready, rss_mb, server_root, tiny_png, wait_ready, worker_pid,
+)
+from tests.cog_server import CogServer  # noqa: E402
+
+# What the README promises for a soak, after a warm-up of WARM_UP predictions.
+RSS_GROWTH_BOUND_MB = 150  # worker RSS, after - before (allocator caches and lazily built state settle early)
+FD_GROWTH_BOUND = 4  # open file descriptors, worker and coglet each
+WARM_UP = 20
+
+
+@dataclass
+class Sample:
+    done: int
+    worker_rss_mb: float
+    server_rss_mb: float
+    worker_fds: int
+    server_fds: int
+    worker_threads: int
+    temp_files: int
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def sample(server: CogServer, done: int, temp: Path) -> Sample:
+    worker = worker_pid(server)
+    return Sample(
+        done, round(rss_mb(worker), 1), round(rss_mb(server.process.pid), 1), open_fds(worker),
+        open_fds(server.process.pid), threads(worker), len(files_under(temp)),
+    )
+
+
+def inputs_for(i: int) -> dict:
+    """Varied cheap requests: formats, batch sizes, sizes, seeds, now and then image-to-image."""
+    inputs = {
+        "prompt": f"a lighthouse at dawn, variation {i}",
+        "aspect_ratio": "custom",
+        "width": (64, 128, 64, 96)[i % 4],
+        "height": (64, 64, 128, 96)[i % 4],
+        "num_outputs": 1 + (i % 7 == 0),
+        "seed": i,
+        "output_format": ("webp", "jpg", "png")[i % 3],
+        "disable_safety_checker": True,
+    }
+    if i % 10 == 5:
+        inputs["image"] = tiny_png((64, 64))
+    return inputs
+
+
+@dataclass
+class SoakResult:
+    predictions: int
+    statuses: dict[str, int]
+    seconds: float
+    per_prediction_ms: float
+    before: Sample
+    after: Sample
+    samples: list[Sample] = field(default_factory=list)
+    rss_growth_mb: float = 0.0
+    rss_slope_mb_per_100: float = 0.0
+    leftover_files: list[str] = field(default_factory=list)
+    worker_replaced: bool = False
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.statuses.get("succeeded", 0) != self.predictions:
+            found.append(f"not every prediction succeeded: {self.statuses}")
+        if self.rss_growth_mb > RSS_GROWTH_BOUND_MB:
+            found.append(f"worker RSS grew {self.rss_growth_mb:.0f} MB (bound {RSS_GROWTH_BOUND_MB} MB)")
+        for who in ("worker", "server"):
+            grown = getattr(self.after, f"{who}_fds") - getattr(self.before, f"{who}_fds")
+            if grown > FD_GROWTH_BOUND:
+                found.append(f"{who} open files grew by {grown}")
+        if self.after.worker_threads > self.before.worker_threads + 2:
+            found.append(f"worker threads {self.before.worker_threads} -> {self.after.worker_threads}")
+        if self.after.temp_files > self.before.temp_files + 2:
+            found.append(f"temporary files {self.before.temp_files} -> {self.after.temp_files}: {self.leftover_files[:5]}")
+        if self.worker_replaced:
+            found.append("the worker process was replaced")
+        return found
+
+
+def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_up: int = WARM_UP) -> SoakResult:
+    pid = worker_pid(server)
+    for i in range(warm_up):
+        post_when_ready(server, inputs_for(100_000 + i)).raise_for_status()
+    wait_ready(server)
+    before = sample(server, 0, temp)
+    samples = [before]
+    statuses: dict[str, int] = {}
+    started = time.monotonic()
+    for i in range(predictions):
+        response = post_when_ready(server, inputs_for(i))
+        status = response.json().get("status", f"http {response.status_code}") if response.ok else f"http {response.status_code}"
+        statuses[status] = statuses.get(status, 0) + 1
+        if (i + 1) % every == 0 or i + 1 == predictions:
+            wait_ready(server)
+            samples.append(sample(server, i + 1, temp))
+    seconds = time.monotonic() - started
+    after = samples[-1]
+    xs = [s.done for s in samples]
+    ys = [s.worker_rss_mb for s in samples]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mean_x) ** 2 for x in xs))
+    return SoakResult(
+        predictions=predictions, statuses=statuses, seconds=round(seconds, 1),
+        per_prediction_ms=round(1000 * seconds / predictions, 1), before=before, after=after, samples=samples,
+        rss_growth_mb=round(after.worker_rss_mb - before.worker_rss_mb, 1), rss_slope_mb_per_100=round(100 * slope, 2),
+        leftover_files=[str(p.relative_to(temp)) for p in files_under(temp)], worker_replaced=worker_pid(server) != pid,
+    )
+
+
+@dataclass
+class BusyResult:
+    extra_requests: int
+    extra_statuses: dict[int, int]
+    extra_messages: list[str]
+    running_status: str
+    overlapped: bool  # the extra requests all came back while it was still running
+    running_equal_to_alone: bool
+    running_seconds: float
+
+
+def beyond_capacity(server: CogServer, extra: int = 8, inputs: dict | None = None) -> BusyResult:
+    """One slow prediction; `extra` concurrent ones while it runs; then the slow one again, alone."""
+    inputs = inputs or {"prompt": "a lighthouse at dawn", "aspect_ratio": "custom", "width": 512, "height": 512,
+                        "num_outputs": 2, "seed": 42, "disable_safety_checker": True}
+    wait_ready(server)
+    log_start = len(server.logs())
+    holder: dict = {}
+
+    def run_slow() -> None:
+        t = time.monotonic()
+        holder["r"] = requests.put(f"{server.url}/predictions/soak-slow-{time.monotonic_ns()}", json={"input": inputs}, timeout=600)
+        holder["s"] = time.monotonic() - t
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while "Generating" not in server.logs()[log_start:] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    cheap = {"prompt": "a cat", "aspect_ratio": "custom", "width": 64, "height": 64}
+    with ThreadPoolExecutor(extra) as pool:
+        responses = list(pool.map(lambda _: server.predict(cheap, timeout=60), range(extra)))
+    still_running = thread.is_alive()
+    thread.join()
+    statuses: dict[int, int] = {}
+    for r in responses:
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    slow = holder["r"].json()
+    alone = post_when_ready(server, inputs).json()
+    return BusyResult(
+        extra_requests=extra, extra_statuses=statuses,
+        extra_messages=sorted({r.text[:120] for r in responses}),
+        running_status=slow.get("status"),
+        overlapped=still_running,
+        running_equal_to_alone=slow.get("output") == alone.get("output") and bool(alone.get("output")),
+        running_seconds=round(holder["s"], 2),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sdxl")
+    parser.add_argument("--weights", type=Path, help="weights root (default: tiny random weights, built now)")
+    parser.add_argument("--predictions", type=int, default=300)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="flashsd-soak-") as tmp:
+        tmp = Path(tmp)
+        weights = args.weights or build_weights(tmp / "weights", args.model)
+        temp = tmp / "tmp"
+        temp.mkdir()
+        env = {"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": args.model, "TMPDIR": str(temp), "HF_HUB_OFFLINE": "1"}
+        with CogServer(env, tmp / "server.log", cwd=server_root(tmp / "root")) as server:
+            if server.health() != "READY":
+                print(server.logs()[-3000:], file=sys.stderr)
+                return 1
+            result = soak(server, temp, args.predictions)
+            busy = beyond_capacity(server)
+    summary = {"model": args.model, "soak": asdict(result), "beyond_capacity": asdict(busy)}
+    for s in summary["soak"].pop("samples"):
+        print(f"  after {s['done']:4d}: worker RSS {s['worker_rss_mb']:7.1f} MB, coglet RSS {s['server_rss_mb']:5.1f} MB, "
+              f"fds {s['worker_fds']}/{s['server_fds']}, threads {s['worker_threads']}, temp files {s['temp_files']}")
+    print(json.dumps(summary, indent=2))
+    problems = result.problems()
+    if busy.extra_statuses != {409: busy.extra_requests}:
+        problems.append(f"requests beyond capacity got {busy.extra_statuses}")
+    if not busy.overlapped:
+        problems.append("the slow prediction ended before the extra requests were answered: make it slower")
+    if busy.running_status != "succeeded" or not busy.running_equal_to_alone:
+        problems.append(f"the running prediction was affected: {busy.running_status}, equal: {busy.running_equal_to_alone}")
+    for p in problems:
+        print("PROBLEM", p)
+    if args.json:
+        args.json.write_text(json.dumps(summary | {"samples": [asdict(s) for s in result.samples]}, indent=1))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
