@@ -439,7 +439,7 @@ def _build_sd3(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=16, pooled_projection_dim=64,
-        pos_embed_max_size=96,
+        pos_embed_max_size=128,  # 128 patches x 2 x 8 = 2048 px, the largest size allowed (real: 192)
     ).eval()  # fmt: skip
     sd3_vae = vae(
         seed, "sd3/vae", latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
