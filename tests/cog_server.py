@@ -1,6 +1,8 @@
 """The real Cog HTTP server (coglet), started on loopback from the project root, for contract tests."""
 from __future__ import annotations
 
+import base64
+import io
 import os
 import socket
 import subprocess
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 
 import requests
+from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +20,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """An output as Cog returns it without an upload URL: a base64 data URL of the image file."""
+    header, _, payload = url.partition(",")
+    assert header.startswith("data:image/"), header
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+def tiny_server(weights: Path, model: str, folder: Path) -> "CogServer":
+    """The server of `model` on a tiny weights root, its log in `folder` (use as a context manager)."""
+    return CogServer({"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": model}, folder / "server.log")
 
 
 class CogServer:

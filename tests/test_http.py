@@ -1,26 +1,15 @@
 """The HTTP contract, against the real Cog server (coglet) on loopback serving the tiny checkpoints."""
-import base64
-import io
-
 import pytest
 import requests
-from PIL import Image
 
-from tests.cog_server import CogServer
+from tests.cog_server import decode_data_url, tiny_server
 
 SMALL = {"aspect_ratio": "custom", "width": 64, "height": 64}
 
 
-def decode(data_url: str) -> Image.Image:
-    header, _, payload = data_url.partition(",")
-    assert header.startswith("data:image/")
-    return Image.open(io.BytesIO(base64.b64decode(payload)))
-
-
 @pytest.fixture(scope="module")
 def server(tiny_weights, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with CogServer({"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": "sdxl"}, log) as running:
+    with tiny_server(tiny_weights, "sdxl", tmp_path_factory.mktemp("server")) as running:
         assert running.health() == "READY", running.logs()
         yield running
 
@@ -30,7 +19,7 @@ def test_good_request_succeeds_with_one_image_per_output(server):
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "succeeded", body
-    images = [decode(url) for url in body["output"]]
+    images = [decode_data_url(url) for url in body["output"]]
     assert [i.size for i in images] == [(64, 64), (64, 64)]
     assert ["Seed: 3" in images[0].text["parameters"], "Seed: 4" in images[1].text["parameters"]] == [True, True]
     assert "seeds 3, 4" in body["logs"]
@@ -41,7 +30,7 @@ def test_defaults_apply_when_inputs_are_omitted(server):
     assert body["status"] == "succeeded", body
     (url,) = body["output"]
     assert url.startswith("data:image/webp")
-    assert decode(url).size == (80, 64)
+    assert decode_data_url(url).size == (80, 64)
 
 
 @pytest.mark.parametrize(
@@ -86,9 +75,9 @@ def test_openapi_document_is_served(server):
 
 @pytest.mark.parametrize("key", ["sd3", "sd15", "pixart"])
 def test_each_other_model_serves_a_round_trip(tiny_weights, tmp_path, key):
-    with CogServer({"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": key}, tmp_path / "server.log") as s:
+    with tiny_server(tiny_weights, key, tmp_path) as s:
         body = s.predict({"prompt": "a harbour at night", "seed": 11, "num_outputs": 2, "output_format": "jpg",
                           **SMALL}).json()
         assert body["status"] == "succeeded", (body, s.logs())
-        assert [decode(url).format for url in body["output"]] == ["JPEG", "JPEG"]
+        assert [decode_data_url(url).format for url in body["output"]] == ["JPEG", "JPEG"]
         assert s.wait_ready() == "READY"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cog_server import CogServer
+from tests.cog_server import decode_data_url, tiny_server
 
 
 def data_url(image: Image.Image) -> str:
@@ -15,16 +15,9 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def decode(url: str) -> Image.Image:
-    header, _, payload = url.partition(",")
-    assert header.startswith("data:image/png")
-    return Image.open(io.BytesIO(base64.b64decode(payload)))
-
-
 @pytest.fixture(scope="module")
 def server(tiny_weights, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with CogServer({"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": "sd15"}, log) as running:
+    with tiny_server(tiny_weights, "sd15", tmp_path_factory.mktemp("server")) as running:
         assert running.health() == "READY", running.logs()
         yield running
 
@@ -38,8 +31,8 @@ def test_inpainting_round_trip_with_data_urls(server):
         "aspect_ratio": "custom", "width": 96, "height": 64, "num_outputs": 2, "seed": 5, "output_format": "png",
     }).json()  # fmt: skip
     assert body["status"] == "succeeded", body
-    outputs = [decode(url) for url in body["output"]]
-    assert [o.size for o in outputs] == [(96, 64), (96, 64)]
+    outputs = [decode_data_url(url) for url in body["output"]]
+    assert [(o.format, o.size) for o in outputs] == [("PNG", (96, 64))] * 2
     keep = np.asarray(mask) == 0
     for output, seed in zip(outputs, (5, 6)):
         pixels = np.asarray(output.convert("RGB"))
