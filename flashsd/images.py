@@ -81,7 +81,7 @@ def write_outputs(generated, request, model, directory: Path) -> list[Path]:
             width=item.image.width,
             height=item.image.height,
             model=model.title,
-            denoising_strength=request.prompt_strength if getattr(request, "image", None) is not None else None,
+            denoising_strength=request.prompt_strength if request.image is not None else None,
         )
         path = directory / f"flash-{model.key}-{item.seed}-{tag}.{request.output_format}"
         jobs.append((item.image, path, request.output_format, request.output_quality, parameters))
