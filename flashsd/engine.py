@@ -56,9 +56,10 @@ def _load_scheduler(model: FlashModel, base: Path):
 
 
 def _fingerprints(module: torch.nn.Module) -> dict[str, float]:
-    """One number per weight, enough to tell which weights an adapter changed without a second copy."""
+    """One number per weight, enough to tell which weights an adapter changed without a second copy. (float32
+    accumulation: float64 would copy every weight and took 15x longer, 3 s per pass on SD1.5's UNet on a CPU.)"""
     with torch.no_grad():
-        return {name: torch.linalg.vector_norm(p, dtype=torch.float64).item() for name, p in module.named_parameters()}
+        return {name: torch.linalg.vector_norm(p, dtype=torch.float32).item() for name, p in module.named_parameters()}
 
 
 _DENOISER_KEY_PREFIXES = ("unet.", "transformer.", "lora_unet_", "lora_transformer_", "base_model.model.")
