@@ -110,17 +110,6 @@ def wait_ready(server: CogServer, timeout: float = 30) -> tuple[str | None, floa
     return server.wait_ready(timeout), time.monotonic() - started
 
 
-def post_when_ready(server: CogServer, inputs: dict, timeout: float = 300, attempts: int = 50) -> requests.Response:
-    """POST a prediction, waiting for the slot first; a 409 right after the previous response is retried."""
-    for _ in range(attempts):
-        wait_ready(server)
-        response = server.predict(inputs, timeout=timeout)
-        if response.status_code != 409:
-            return response
-        time.sleep(0.05)
-    return response
-
-
 # -- cases -------------------------------------------------------------------------------------------------------
 
 

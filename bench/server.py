@@ -27,7 +27,7 @@ def run(model: FlashModel, root: Path, size: int, repeats: int, in_process_ms: f
             for i in range(repeats + 1):
                 for _ in range(100):  # the slot may be freed a moment after the previous response
                     sent = time.perf_counter()
-                    response = server.predict(inputs)
+                    response = server.post(inputs)
                     elapsed = time.perf_counter() - sent
                     if response.status_code != 409:
                         break

@@ -32,7 +32,7 @@ if str(PROJECT) not in sys.path:
 import requests  # noqa: E402
 
 from bench.fuzz_http import (  # noqa: E402
-    build_weights, files_under, open_fds, post_when_ready, rss_mb, server_root, tiny_png, wait_ready, worker_pid,
+    build_weights, files_under, open_fds, rss_mb, server_root, tiny_png, wait_ready, worker_pid,
 )
 from tests.cog_server import CogServer  # noqa: E402
 
@@ -121,14 +121,14 @@ class SoakResult:
 def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_up: int = WARM_UP) -> SoakResult:
     pid = worker_pid(server)
     for i in range(warm_up):
-        post_when_ready(server, inputs_for(100_000 + i)).raise_for_status()
+        server.predict(inputs_for(100_000 + i)).raise_for_status()
     wait_ready(server)
     before = sample(server, 0, temp)
     samples = [before]
     statuses: dict[str, int] = {}
     started = time.monotonic()
     for i in range(predictions):
-        response = post_when_ready(server, inputs_for(i))
+        response = server.predict(inputs_for(i))
         status = response.json().get("status", f"http {response.status_code}") if response.ok else f"http {response.status_code}"
         statuses[status] = statuses.get(status, 0) + 1
         if (i + 1) % every == 0 or i + 1 == predictions:
@@ -179,14 +179,14 @@ def beyond_capacity(server: CogServer, extra: int = 8, inputs: dict | None = Non
         time.sleep(0.02)
     cheap = {"prompt": "a cat", "aspect_ratio": "custom", "width": 64, "height": 64}
     with ThreadPoolExecutor(extra) as pool:
-        responses = list(pool.map(lambda _: server.predict(cheap, timeout=60), range(extra)))
+        responses = list(pool.map(lambda _: server.post(cheap, timeout=60), range(extra)))
     still_running = thread.is_alive()
     thread.join()
     statuses: dict[int, int] = {}
     for r in responses:
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
     slow = holder["r"].json()
-    alone = post_when_ready(server, inputs).json()
+    alone = server.predict(inputs).json()
     return BusyResult(
         extra_requests=extra, extra_statuses=statuses,
         extra_messages=sorted({r.text[:120] for r in responses}),

@@ -86,8 +86,17 @@ class CogServer:
     def health_check(self) -> dict:
         return requests.get(f"{self.url}/health-check", timeout=5).json()
 
-    def predict(self, inputs: dict, timeout: float = 300, **kwargs) -> requests.Response:
+    def post(self, inputs: dict, timeout: float = 300, **kwargs) -> requests.Response:
+        """One POST /predictions, whatever the server's state (a busy server answers 409)."""
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, **kwargs)
+
+    def predict(self, inputs: dict, timeout: float = 300, busy_wait: float = 10, **kwargs) -> requests.Response:
+        """POST /predictions once the slot is free: coglet frees it a moment after answering the previous
+        prediction, so a 409 ("at capacity") is retried for up to `busy_wait` s."""
+        deadline = time.monotonic() + busy_wait
+        while (response := self.post(inputs, timeout, **kwargs)).status_code == 409 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return response
 
     def logs(self) -> str:
         self._log.flush()

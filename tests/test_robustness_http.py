@@ -27,7 +27,7 @@ import requests
 from PIL import Image
 
 from bench.fuzz_http import (
-    Generator, cpu_seconds, files_under, post_when_ready, run_cases, server_root, wait_ready, worker_pid,
+    Generator, cpu_seconds, files_under, run_cases, server_root, wait_ready, worker_pid,
 )
 from bench.soak import beyond_capacity, soak
 from flashsd.models import MODELS
@@ -106,7 +106,7 @@ def test_500_generated_requests_get_clear_answers_and_the_worker_survives_every_
     assert largest.kind == "canceled" and largest.health == "READY"
     # Input copies coglet leaves for requests it rejects after downloading part of them are removed by the next
     # prediction: then only the last delivered outputs remain.
-    assert prediction(post_when_ready(server, {**SMALL, "prompt": "a cat"}))["status"] == "succeeded"
+    assert prediction(server.predict({**SMALL, "prompt": "a cat"}))["status"] == "succeeded"
     files = [p.relative_to(served.temp) for p in files_under(served.temp)]
     assert [f for f in files if not (f.parts[0].startswith("flashsd-worker-") and f.parts[1].startswith("flashsd-"))] == []
     assert len(files) == 1
@@ -152,7 +152,7 @@ def test_cancel_between_denoising_steps_ends_promptly_leaves_no_files_and_the_ne
     time.sleep(1.0)
     assert cpu_seconds(pid) - spent < 0.5, "the worker is still computing the cancelled prediction"
     assert files_under(served.temp) == files_before  # nothing written for the cancelled prediction
-    after = prediction(post_when_ready(server, {**SMALL, "prompt": "a cat", "seed": 1}))
+    after = prediction(server.predict({**SMALL, "prompt": "a cat", "seed": 1}))
     assert after["status"] == "succeeded"
     with capsys.disabled():
         print(f"\ncancel: slot free {ready_after:.2f} s after the cancel request")
@@ -195,16 +195,16 @@ def test_out_of_memory_in_the_worker_fails_that_prediction_only(tiny_weights, ro
         assert server.health() == "READY", server.logs()[-3000:]
         pid = worker_pid(server)
         inputs = {**SMALL, "prompt": "a lighthouse at dawn", "seed": 9, "num_outputs": 2}
-        baseline = prediction(post_when_ready(server, inputs))
+        baseline = prediction(server.predict(inputs))
 
-        failed = prediction(post_when_ready(server, {**inputs, "prompt": f"{MARKER} a lighthouse at dawn"}))
+        failed = prediction(server.predict({**inputs, "prompt": f"{MARKER} a lighthouse at dawn"}))
 
         assert failed["status"] == "failed"
         error = failed["error"]
         assert "Out of memory generating 2 image(s) at 64x64" in error, error
         assert "lower num_outputs" in error and "the size (it is 64x64" in error and "Traceback" not in error
         assert wait_ready(server)[0] == "READY" and worker_pid(server) == pid
-        again = prediction(post_when_ready(server, inputs))
+        again = prediction(server.predict(inputs))
         assert again["status"] == "succeeded" and again["output"] == baseline["output"]
         assert "memory freed, the worker carries on" in server.logs()
     finally:
@@ -294,7 +294,7 @@ def test_hf_token_never_appears_in_logs_outputs_metadata_schema_or_files(tiny_we
                 {"output_format": "png"}, {"output_format": "jpg"}, {"output_format": "webp", "num_outputs": 2},
                 {"prompt": "${HF_TOKEN} $HF_TOKEN %(HF_TOKEN)s {HF_TOKEN}"}, {"prompt": " "},
             ):
-                body = prediction(post_when_ready(server, {**SMALL, "prompt": "a lighthouse at dawn", **inputs}))
+                body = prediction(server.predict({**SMALL, "prompt": "a lighthouse at dawn", **inputs}))
                 texts.append(json.dumps(body))
                 for output in body.get("output") or []:
                     texts += _image_texts(output)
