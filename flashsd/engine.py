@@ -145,6 +145,7 @@ class Engine:
         self.runtime = runtime
         self.safety_checker = safety_checker
         self._mode_pipelines: dict[str, object] = {}
+        self.speed = speed.SpeedState()  # what speed.optimize did (set in load)
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -116,9 +116,8 @@ def _modules(engine: "Engine") -> dict[str, torch.nn.Module]:
     found = {
         name: component for name, component in engine.pipe.components.items() if isinstance(component, torch.nn.Module)
     }
-    checker = getattr(getattr(engine, "safety_checker", None), "model", None)
-    if isinstance(checker, torch.nn.Module):
-        found["safety_checker"] = checker
+    if engine.safety_checker is not None:
+        found["safety_checker"] = engine.safety_checker.model
     return found
 
 
@@ -150,19 +149,12 @@ def restore(engine: "Engine", shot: dict[str, _ModuleState]) -> list[str]:
             # e.g. a VAE upcast to float32 for decoding (diffusers' upcast_vae) when the decode failed
             module.to(device=state.device, dtype=state.dtype)
             restored.append(f"{name} back to {str(state.dtype).removeprefix('torch.')} on {state.device}")
-    schedulers = {id(s): s for s in [engine.pipe.scheduler, *(getattr(p, "scheduler", None) for p in _mode_pipes(engine))]}
+    schedulers = {id(s): s for s in [engine.pipe.scheduler, *(p.scheduler for p in engine._mode_pipelines.values())]}
     for scheduler in schedulers.values():
         for attribute in ("_step_index", "_begin_index"):
             if getattr(scheduler, attribute, None) is not None:
                 setattr(scheduler, attribute, None)
-        if getattr(scheduler, "_generators", None) is not None:  # the Flash SD3 scheduler's per-call noise source
-            scheduler._generators = None
-            restored.append("scheduler noise generators reset")
     return restored
-
-
-def _mode_pipes(engine: "Engine") -> list:
-    return list(getattr(engine, "_mode_pipelines", {}).values())
 
 
 class PredictionGuard:

@@ -22,7 +22,6 @@ reuses them and its warm-up is mostly cache hits.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -327,8 +326,6 @@ def compile_pipeline(pipe, model: FlashModel, settings: CompileSettings, state: 
 def warm_up(engine: "Engine", sizes: Sequence[tuple[int, int]], batches: Sequence[int] = WARM_UP_BATCHES) -> int:
     """One text-to-image call per size and batch, through the same engine.generate predictions use.
     Returns the number of calls."""
-    # The safety checker is not compiled, and a flagged warm-up image must not fail the setup.
-    unchecked = {"disable_safety_checker": True} if "disable_safety_checker" in inspect.signature(build_request).parameters else {}
     calls, level = 0, log.level
     log.setLevel(max(level, logging.WARNING))  # not one "Generating ..." line per warm-up call
     try:
@@ -336,7 +333,8 @@ def warm_up(engine: "Engine", sizes: Sequence[tuple[int, int]], batches: Sequenc
             for width, height in sizes:
                 request = build_request(
                     engine.model, prompt=WARM_UP_PROMPT, aspect_ratio="custom", width=width, height=height,
-                    num_outputs=batch, seed=0, **unchecked,
+                    num_outputs=batch, seed=0,
+                    disable_safety_checker=True,  # not compiled, and a flagged warm-up image must not fail setup
                 )
                 engine.generate(request)
                 calls += 1
@@ -353,7 +351,7 @@ def compile_and_warm_up(
 ) -> SpeedState:
     """Compiled mode: compile, warm up at `sizes` (default: the aspect-ratio table) so no user pays a
     compile, and keep the caches beside the weights. On any failure, back to eager with a warning."""
-    state: SpeedState = getattr(engine, "speed", None) or SpeedState()
+    state = engine.speed
     sizes = list(sizes) if sizes is not None else warm_up_sizes(engine.model)
     started = time.perf_counter()
     state.cache_dir = _use_cache_dir(settings)
