@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class WeightsError(RuntimeError):
     """Weights that are missing, broken or unfit: the message names the file and the fix."""
+
+
+class DeviceError(RuntimeError):
+    """No usable device for the configured runtime (FLASHSD_DEVICE=cuda without a working GPU)."""

@@ -51,3 +51,89 @@ def test_declared_limits_agree_with_the_request_rules():
         assert (inputs[name]["minimum"], inputs[name]["maximum"]) == (low, high), name
     assert schemas["Input"]["required"] == ["prompt"]
     assert "nullable" in inputs["seed"] and "default" in inputs["seed"]
+
+
+def _schema_script(*args, cwd=PROJECT_ROOT):
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "openapi-schema"), *args],
+        cwd=cwd, capture_output=True, text=True,
+    )
+
+
+def test_check_accepts_the_file_a_real_cog_build_writes(tmp_path):
+    """`cog build`/`cog run`/`cog serve` rewrite the file compact, with the CLI's version: still current."""
+    document = json.loads(SCHEMA.read_text())
+    document["info"]["version"] = "0.99.0-real-cli"
+    rewritten = tmp_path / "openapi_schema.json"
+    rewritten.write_text(json.dumps(document, separators=(",", ":")))
+    result = _schema_script("--check", "--output", str(rewritten))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_fails_when_an_input_changed(tmp_path):
+    document = json.loads(SCHEMA.read_text())
+    document["components"]["schemas"]["Input"]["properties"]["num_outputs"]["maximum"] = request.MAX_OUTPUTS + 1
+    stale = tmp_path / "openapi_schema.json"
+    stale.write_text(json.dumps(document, indent=2))
+    result = _schema_script("--check", "--output", str(stale))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "out of date" in result.stderr and '"maximum": 4' in result.stderr
+
+
+def test_check_fails_when_predict_py_changed_but_the_schema_did_not(tmp_path):
+    (tmp_path / ".cog").mkdir()
+    (tmp_path / ".cog" / "openapi_schema.json").write_text(SCHEMA.read_text())
+    source = (PROJECT_ROOT / "predict.py").read_text()
+    changed = source.replace("ge=1, le=100, default=80", "ge=1, le=95, default=80")
+    assert changed != source
+    (tmp_path / "predict.py").write_text(changed)
+    result = _schema_script("--check", "--root", str(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert '"maximum": 95' in result.stderr
+
+
+def _all_bounds(node, where="$"):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("minimum", "maximum"):
+                yield f"{where}.{key}", value
+            yield from _all_bounds(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _all_bounds(value, f"{where}[{i}]")
+
+
+def test_every_numeric_bound_is_exact_in_float64_and_safe_in_javascript():
+    """Cog's generator keeps ge/le as float64 and JavaScript clients as doubles: an integer beyond 2**53 - 1
+    would reach them rounded (2**63 - 5 became 9223372036854776000)."""
+    bounds = list(_all_bounds(json.loads(SCHEMA.read_text())))
+    assert len(bounds) >= 14, bounds
+    for where, value in bounds:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+        assert float(value) == value, f"{where}={value} is not exact in float64"  # int == float compares exactly
+        assert abs(value) <= 2**53 - 1, f"{where}={value} is beyond JavaScript's safe integers"
+    # The largest seed of a full batch, seed + MAX_OUTPUTS - 1, is itself still a safe integer.
+    assert request.MAX_SEED + request.MAX_OUTPUTS - 1 == 2**53 - 1
+
+
+def _project_with(tmp_path, old, new):
+    source = (PROJECT_ROOT / "predict.py").read_text()
+    assert old in source
+    (tmp_path / "predict.py").write_text(source.replace(old, new))
+    return _schema_script("--stdout", "--root", str(tmp_path))
+
+
+def test_the_generator_refuses_what_cog_build_would_read_differently(tmp_path):
+    """The Go parser rounds bounds to float64, drops a bound it cannot parse and copies string text raw."""
+    cases = [
+        ("le=9007199254740988", "le=9223372036854775803", "not exact in float64"),
+        ("le=9007199254740988", "le=9007199254740993", "not exact in float64"),
+        ("le=9007199254740988", "le=9007199254740992", "beyond 2**53 - 1"),
+        ("le=9007199254740988", "le=2**53", "plain decimal number"),
+        ("le=9007199254740988", "le=9_007_199_254_740_988", "plain decimal number"),
+        ('description="How many images to generate."', 'description="How many \\"images\\"."', "plain string literal"),
+        ('description="How many images to generate."', 'description="How many " "images."', "plain string literal"),
+    ]
+    for old, new, message in cases:
+        result = _project_with(tmp_path, old, new)
+        assert result.returncode != 0 and message in result.stderr, (new, result.stdout, result.stderr)
