@@ -4,19 +4,18 @@ The model is chosen by FLASHSD_MODEL (sdxl, sd3, sd15, pixart) and the weights a
 FLASHSD_WEIGHTS (default: weights/ beside this file).
 """
 import logging
-import shutil
-import tempfile
-from pathlib import Path as _Path
 from typing import List, Optional
 
 from cog import BasePredictor, Input, Path
 
+from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tempdir
+from flashsd.download import ensure_weights
 from flashsd.engine import Engine
-from flashsd.faults import PredictionGuard, sweep_input_copies, use_private_tempdir, weights_problems
 from flashsd.images import write_outputs
 from flashsd.models import selected_model
 from flashsd.request import build_request
-from flashsd.weights import default_root, ensure_weights
+from flashsd.runtime import select_runtime
+from flashsd.weights import default_root
 
 
 class Predictor(BasePredictor):
@@ -24,12 +23,12 @@ class Predictor(BasePredictor):
         """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         use_private_tempdir()  # in the Cog worker: input copies and outputs in a folder of its own (see predict)
+        runtime = select_runtime()  # first: FLASHSD_DEVICE=cuda without a usable GPU fails before any download
         self.model = selected_model()
         root = default_root()
         ensure_weights(self.model, root)
-        with weights_problems(self.model, root):  # a damaged or unfit file: named, with the command that fixes it
-            self.engine = Engine.load(self.model, root)
-        self.output_dir: Optional[_Path] = None
+        self.engine = Engine.load(self.model, root, runtime)
+        self.outputs = OutputFolders()
 
     # Input declarations use literal values only: `cog build` reads them from this file's text, not by
     # running it. tests/test_schema.py checks they agree with flashsd.request.
@@ -75,7 +74,7 @@ class Predictor(BasePredictor):
         ),
         seed: Optional[int] = Input(
             description="Random seed; image i of the batch uses seed + i. Leave empty for a random seed.",
-            ge=0, le=9223372036854775803, default=None,
+            ge=0, le=9007199254740988, default=None,
         ),
         output_format: str = Input(
             description="Image file format.", choices=["webp", "jpg", "png"], default="webp"
@@ -108,22 +107,10 @@ class Predictor(BasePredictor):
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
         )
-        # Out of memory: a message saying what to lower, memory freed; after any failure or cancellation the
-        # engine is restored, so the worker (which Cog never restarts) carries on.
-        with PredictionGuard(self.engine, request):
-            generated = self.engine.generate(request)
-        output_dir = self._fresh_output_dir()
+        generated = self.engine.generate(request)
         try:
-            paths = write_outputs(generated, request, self.model, output_dir)
+            paths = write_outputs(generated, request, self.model, self.outputs.fresh())
         except BaseException:  # failed or cancelled while writing: no partial files left behind
-            shutil.rmtree(output_dir, ignore_errors=True)
-            self.output_dir = None
+            self.outputs.discard()
             raise
         return [Path(path) for path in paths]
-
-    def _fresh_output_dir(self) -> _Path:
-        # Cog has sent the previous prediction's files by the time the next one starts.
-        if self.output_dir is not None:
-            shutil.rmtree(self.output_dir, ignore_errors=True)
-        self.output_dir = _Path(tempfile.mkdtemp(prefix="flashsd-"))
-        return self.output_dir

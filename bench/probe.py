@@ -83,7 +83,7 @@ def compile_run(args) -> dict:
     eager = medians({n: (lambda r=r: engine.generate(r)) for n, r in requests.items()}, args.repeats)
     # As in the product, with `--cache` standing for the weights folder the cache is kept beside.
     settings = speed.compile_settings(Path(args.cache), engine.runtime, {speed.COMPILE_ENV: "1"})
-    state = speed.compile_and_warm_up(engine, settings, sizes=sizes)
+    state = engine.compile(settings, sizes=sizes)
     compiled_images = engine.generate(requests[1])
     compiled = medians({n: (lambda r=r: engine.generate(r)) for n, r in requests.items()}, args.repeats)
     difference = max(

@@ -101,7 +101,7 @@ def _probe(what: str, *arguments: str, timeout: float = 1800) -> dict:
 class Bench:
     def __init__(self, args):
         from bench import pipeline
-        from flashsd.engine import select_runtime
+        from flashsd.runtime import select_runtime
         from flashsd.models import MODELS
 
         self.args = args

@@ -11,12 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
+from .download import ensure_weights
 from .engine import Engine
-from .errors import InputError, WeightsError
+from .errors import DeviceError, InputError, WeightsError
 from .images import write_outputs
 from .models import MODELS, selected_model
 from .request import build_request, size_table
-from .weights import default_root, ensure_weights
+from .runtime import select_runtime
+from .weights import default_root
 
 
 def _parse_inputs(pairs: list[str]) -> dict:
@@ -39,8 +41,9 @@ def predict(args) -> int:
     model = selected_model(args.model)
     root = Path(args.weights) if args.weights else default_root()
     request = build_request(model, **_parse_inputs(args.input))  # fail on bad input before loading
+    runtime = select_runtime()
     ensure_weights(model, root)
-    engine = Engine.load(model, root)
+    engine = Engine.load(model, root, runtime)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in write_outputs(engine.generate(request), request, model, out):
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return predict(args)
-    except (InputError, WeightsError) as error:
+    except (InputError, WeightsError, DeviceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, InputError) else 1
 

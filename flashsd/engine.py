@@ -1,5 +1,7 @@
-"""Loading a Flash pipeline once (adapter attached and merged, Flash scheduler set) and generating
-images with one generator per image."""
+"""Loading a Flash pipeline once (adapter merged, Flash scheduler set) and generating images with one
+generator per image. The engine knows nothing of Cog: the predictor, the command line, the tests and the
+benchmarks all drive it directly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,38 +10,25 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import diffusers
 import torch
 from PIL import Image
-from safetensors import safe_open
 
-from . import faults, speed
-from .errors import WeightsError
+from . import adapter, logs, speed
 from .models import FlashModel
-from .request import GenerationRequest
+from .prompts import truncated_prompt_warnings
+from .recovery import PredictionGuard
+from .request import GenerationRequest, build_request, distinct_sizes
+from .runtime import Runtime, select_runtime
 from .safety import ImagesFlagged, SafetyChecker
 from .schedulers import FlashFlowMatchEulerDiscreteScheduler
-from .weights import repo_dir
+from .weights import repo_dir, weights_problems
 
 log = logging.getLogger("flashsd")
 
-ADAPTER_NAME = "flash"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and in what precision the pipeline runs; decided once, in select_runtime."""
-
-    device: torch.device
-    dtype: torch.dtype
-
-
-def select_runtime() -> Runtime:
-    """CUDA → fp16 (with the fp16-safe VAE); otherwise the same pipeline in fp32 on the CPU."""
-    if torch.cuda.is_available():
-        return Runtime(torch.device("cuda"), torch.float16)
-    return Runtime(torch.device("cpu"), torch.float32)
+WARM_UP_PROMPT = "a photo of a lighthouse at dawn"
 
 
 @dataclass(frozen=True)
@@ -53,67 +42,6 @@ def _load_scheduler(model: FlashModel, base: Path):
         # As the model cards do. LCMScheduler ignores timestep_spacing: 4 steps are [999, 759, 499, 259].
         return diffusers.LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
     return FlashFlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-
-
-def _fingerprints(module: torch.nn.Module) -> dict[str, float]:
-    """One number per weight, enough to tell which weights an adapter changed without a second copy. (float32
-    accumulation: float64 would copy every weight and took 15x longer, 3 s per pass on SD1.5's UNet on a CPU.)"""
-    with torch.no_grad():
-        return {name: torch.linalg.vector_norm(p, dtype=torch.float32).item() for name, p in module.named_parameters()}
-
-
-_DENOISER_KEY_PREFIXES = ("unet.", "transformer.", "lora_unet_", "lora_transformer_", "base_model.model.")
-_LORA_DOWN_MARKERS = (".lora_A.", ".lora.down.", ".lora_down.")
-
-
-def _adapter_module_count(weights_file: Path) -> int:
-    """How many denoiser layers the adapter file holds a LoRA for (each has exactly one 'down' matrix)."""
-    with safe_open(weights_file, framework="pt") as f:
-        keys = list(f.keys())
-    return sum(
-        1 for k in keys if k.startswith(_DENOISER_KEY_PREFIXES) and any(m in k for m in _LORA_DOWN_MARKERS)
-    )
-
-
-def _adapter_weights_file(model: FlashModel, adapter_dir: Path) -> Path:
-    return adapter_dir / next(f for f in model.adapter.files if f.endswith(".safetensors"))
-
-
-def _adapter_layer_count(module: torch.nn.Module) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer))
-
-
-def _attach_adapter(pipe, model: FlashModel, adapter_dir: Path) -> int:
-    """Merge the Flash adapter into the denoiser and drop the adapter layers. Returns the number of
-    weights it changed. An adapter whose layers do not all land in the denoiser is an error, never the
-    silent no-op diffusers makes of it."""
-    weights_file = _adapter_weights_file(model, adapter_dir)
-    held = _adapter_module_count(weights_file)
-    faults.check_adapter(weights_file, getattr(pipe, model.denoiser), model)  # before anything is attached
-    before = _fingerprints(getattr(pipe, model.denoiser))
-    if model.adapter_format == "lora":
-        pipe.load_lora_weights(adapter_dir, weight_name=weights_file.name, adapter_name=ADAPTER_NAME)
-        attached = _adapter_layer_count(getattr(pipe, model.denoiser))
-        pipe.fuse_lora(adapter_names=[ADAPTER_NAME], lora_scale=1.0)
-        pipe.unload_lora_weights()
-    else:
-        from peft import PeftModel
-
-        with_adapter = PeftModel.from_pretrained(getattr(pipe, model.denoiser), adapter_dir)
-        attached = _adapter_layer_count(with_adapter)
-        pipe.register_modules(**{model.denoiser: with_adapter.merge_and_unload()})
-    denoiser = getattr(pipe, model.denoiser)
-    changed = sum(1 for name, value in _fingerprints(denoiser).items() if before.get(name) != value)
-    if held == 0 or attached < held or changed == 0:
-        raise WeightsError(
-            f"The Flash adapter {weights_file} does not fit {model.base.id}: {attached} of its {held} "
-            f"{model.denoiser} layers attached and {changed} weights changed. Fetch the pinned files again "
-            f"with `scripts/download-weights --model {model.key}`."
-        )
-    assert _adapter_layer_count(denoiser) == 0, "adapter layers left after merging"
-    return changed
 
 
 def _derive(pipe, class_name: str):
@@ -133,8 +61,7 @@ def _derive(pipe, class_name: str):
 
 
 class Engine:
-    """A loaded Flash pipeline. Knows nothing of Cog: the predictor, the command line, the tests and
-    the benchmarks all drive it directly.
+    """A loaded Flash pipeline.
 
     Text-to-image runs `pipe`; image-to-image and inpainting run the model table's pipelines built on the
     same component objects (`pipeline_for`), so switching modes loads and allocates no weights."""
@@ -145,7 +72,7 @@ class Engine:
         self.runtime = runtime
         self.safety_checker = safety_checker
         self._mode_pipelines: dict[str, object] = {}
-        self.speed = speed.SpeedState()  # what speed.optimize did (set in load)
+        self.speed = speed.SpeedState()  # what the fast path did (set in load)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -170,9 +97,44 @@ class Engine:
             derived = self._mode_pipelines[mode] = _derive(self.pipe, class_name)
         return derived
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every torch module the engine runs (the pipeline's components and the safety checker), by name."""
+        found = {name: c for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
+        if self.safety_checker is not None:
+            found["safety_checker"] = self.safety_checker.model
+        return found
+
+    def schedulers(self) -> list[object]:
+        """The schedulers of every pipeline the engine has built (they hold per-call state)."""
+        return [self.pipe.scheduler, *(p.scheduler for p in self._mode_pipelines.values())]
+
     @classmethod
     def load(cls, model: FlashModel, root: Path, runtime: Runtime | None = None) -> "Engine":
+        """Load `model` from the weights `root`. A missing, damaged or unfit file is a WeightsError naming it and
+        the command that fixes it."""
         runtime = runtime or select_runtime()
+        logs.leave_out_known_noise()
+        with weights_problems(model, root):
+            engine = cls._load(model, Path(root), runtime)
+        engine.speed = speed.apply_speedups(engine.pipe, model, runtime)
+        settings = speed.compile_settings(root, runtime)
+        if settings.enabled:
+            engine.compile(settings)
+        return engine
+
+    def compile(
+        self,
+        settings: speed.CompileSettings,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        batches: Sequence[int] = speed.WARM_UP_BATCHES,
+    ) -> speed.SpeedState:
+        """Compiled mode (FLASHSD_COMPILE=1): compile, and warm up at `sizes` (default: every aspect ratio's)."""
+        sizes = distinct_sizes(self.model) if sizes is None else sizes
+        self.speed = speed.compile_and_warm_up(self.pipe, self.model, settings, self.warm_up, sizes, batches)
+        return self.speed
+
+    @classmethod
+    def _load(cls, model: FlashModel, root: Path, runtime: Runtime) -> "Engine":
         started = time.perf_counter()
         base = repo_dir(root, model.base)
         common = dict(dtype=runtime.dtype, local_files_only=True, use_safetensors=True, device_map=runtime.device.type)
@@ -184,7 +146,7 @@ class Engine:
         pipeline_class = getattr(diffusers, model.pipeline)
         pipe = pipeline_class.from_pretrained(base, variant=model.variant, **common, **components)
         pipe.scheduler = _load_scheduler(model, base)
-        changed = _attach_adapter(pipe, model, repo_dir(root, model.adapter))
+        changed = adapter.merge(pipe, model, repo_dir(root, model.adapter))
         pipe.set_progress_bar_config(disable=True)
         log.info(
             "%s loaded on %s (%s) in %.1f s; Flash adapter merged into %d %s weights",
@@ -197,7 +159,26 @@ class Engine:
         engine = cls(model, pipe, runtime, checker)
         for mode in engine.modes:
             engine.pipeline_for(mode)  # built now, so a problem shows in setup
-        return speed.optimize(engine, root)  # eager fast-path checks; FLASHSD_COMPILE=1 compiles
+        return engine
+
+    def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int]) -> int:
+        """One text-to-image call per size and batch, through the same generate predictions use (compiled mode
+        compiles then, in setup, so that no prediction pays for it). Returns the number of calls."""
+        calls, level = 0, log.level
+        log.setLevel(max(level, logging.WARNING))  # not one "Generating ..." line per warm-up call
+        try:
+            for batch in batches:
+                for width, height in sizes:
+                    request = build_request(
+                        self.model, prompt=WARM_UP_PROMPT, aspect_ratio="custom", width=width, height=height,
+                        num_outputs=batch, seed=0,
+                        disable_safety_checker=True,  # not compiled, and a flagged warm-up image must not fail setup
+                    )  # fmt: skip
+                    self.generate(request)
+                    calls += 1
+        finally:
+            log.setLevel(level)
+        return calls
 
     def pipeline_arguments(self, request: GenerationRequest) -> dict:
         """The one pipeline call a request becomes (shared with the benchmarks and fidelity tests)."""
@@ -231,7 +212,17 @@ class Engine:
         return arguments
 
     def generate(self, request: GenerationRequest) -> list[GeneratedImage]:
-        """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all)."""
+        """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all).
+
+        Out of memory becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or
+        cancellation the engine's modules and schedulers are restored, so the worker, which Cog never
+        restarts, carries on."""
+        for warning in truncated_prompt_warnings(self.pipe, self.model.title, request):
+            log.warning("%s", warning)
+        with PredictionGuard(self.modules(), self.schedulers(), request, self.runtime.device):
+            return self._generate(request)
+
+    def _generate(self, request: GenerationRequest) -> list[GeneratedImage]:
         pipe = self.pipeline_for(request.mode)
         arguments = self.pipeline_arguments(request)
         steps = f"{request.num_inference_steps} steps"
@@ -245,9 +236,10 @@ class Engine:
             request.num_outputs, request.mode, request.width, request.height, steps,
             request.guidance_scale, ", ".join(map(str, request.seeds)),
         )
+        progress = logs.StepProgress(request.steps_run).pipeline_arguments(pipe)
         noise_source = getattr(pipe.scheduler, "noise_generators", None)
         with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
-            images = pipe(**arguments).images
+            images = pipe(**arguments, **progress).images
         if request.mask is not None:
             # Outside the mask, the input's own pixels: the pipeline's are only their VAE round trip.
             images = [Image.composite(image, request.image, request.mask) for image in images]

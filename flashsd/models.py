@@ -81,6 +81,9 @@ class FlashModel:
     img2img_pipeline: str | None = None
     inpaint_pipeline: str | None = None
     safety_checker: HubRepo | None = SAFETY_CHECKER
+    # Adapter layers that name modules of the trainer's own model, which the base pipeline does not have: the
+    # card's loader skips them, and so does flashsd (one log line); any other layer that does not land is an error.
+    adapter_foreign_layers: tuple[str, ...] = ()
 
     @property
     def repos(self) -> tuple[HubRepo, ...]:
@@ -217,6 +220,14 @@ PIXART = FlashModel(
     scheduler="lcm",
     native_size=1024,
     sampler_name="LCM",
+    # jasperai/flash-pixart was saved from Jasper's own transformer wrapper (adapter_config.json's auto_mapping:
+    # DiffusersTransformer2DWrapper; gojasper/flash-diffusion flash/models/transformers/utils.py,
+    # AdaLayerNormSingle), whose AdaLN embedders diffusers' PixArt names adaln_single.emb.*: REFERENCE §1b.
+    adapter_foreign_layers=tuple(
+        f"adaln_single.{embedder}.{linear}"
+        for embedder in ("timestep_embedder", "add_embedding.0", "add_embedding.1", "add_embedding.2")
+        for linear in ("linear_1", "linear_2")
+    ),
     # Sizes are honoured as asked; captions are not rewritten.
     call_options={"use_resolution_binning": False, "clean_caption": False},
     disk_gb=22.6,

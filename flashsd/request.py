@@ -27,7 +27,9 @@ MAX_OUTPUTS = 4
 MAX_STEPS = 8
 MAX_GUIDANCE = 10.0
 RANDOM_SEED_BOUND = 2**32  # an omitted seed is drawn from [0, 2³²)
-MAX_SEED = 2**63 - 1 - MAX_OUTPUTS  # image i uses seed + i, which must stay a valid 64-bit seed
+# Image i uses seed + i, up to seed + MAX_OUTPUTS - 1: that must stay at most 2**53 - 1, so the bound (and every seed
+# reported back) is exact in float64 and in JavaScript numbers, as Cog's schema and its clients hold them.
+MAX_SEED = 2**53 - 1 - (MAX_OUTPUTS - 1)
 # Far beyond what the text encoders read (77 CLIP tokens, 120 T5 tokens: a few hundred characters), and small
 # enough that prompt and negative prompt fit in a JPEG's 64 kB EXIF metadata in any script.
 MAX_PROMPT_CHARS = 5000
@@ -89,6 +91,11 @@ def steps_run(num_inference_steps: int, prompt_strength: float) -> int:
 
 def size_table(model: FlashModel) -> dict[str, tuple[int, int]]:
     return {ratio: aspect_ratio_size(ratio, model.native_size) for ratio in ASPECT_RATIOS}
+
+
+def distinct_sizes(model: FlashModel) -> list[tuple[int, int]]:
+    """(width, height) of every aspect ratio of the table, each once, in table order (1:1 first)."""
+    return list(dict.fromkeys(size_table(model).values()))
 
 
 @dataclass(frozen=True)

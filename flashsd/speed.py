@@ -28,15 +28,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .models import FlashModel
-from .request import ASPECT_RATIOS, aspect_ratio_size, build_request
-
-if TYPE_CHECKING:
-    from .engine import Engine, Runtime
+from .runtime import Runtime
 
 log = logging.getLogger("flashsd")
 
@@ -45,7 +42,6 @@ COMPILE_MODE_ENV = "FLASHSD_COMPILE_MODE"  # torch.compile mode, e.g. max-autotu
 CACHE_FOLDER = ".torch-compile-cache"
 MEGA_CACHE_SUFFIX = ".megacache"
 WARM_UP_BATCHES = (1, 2)
-WARM_UP_PROMPT = "a photo of a lighthouse at dawn"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -79,7 +75,7 @@ class CompileSettings:
 
 @dataclass
 class SpeedState:
-    """What `optimize` did to an engine (Engine.speed), for logs, the benchmarks and the tests."""
+    """What the fast path did to a loaded pipeline (Engine.speed), for logs, the benchmarks and the tests."""
 
     compiled: bool = False
     compiled_modules: list[str] = field(default_factory=list)
@@ -98,13 +94,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
 
 
-def device_name(runtime: "Runtime") -> str:
+def device_name(runtime: Runtime) -> str:
     if runtime.device.type == "cuda":
         return torch.cuda.get_device_name(runtime.device)
     return runtime.device.type
 
 
-def compile_settings(root: Path | str, runtime: "Runtime", environ: Mapping[str, str] | None = None) -> CompileSettings:
+def compile_settings(root: Path | str, runtime: Runtime, environ: Mapping[str, str] | None = None) -> CompileSettings:
     """Read FLASHSD_COMPILE / FLASHSD_COMPILE_MODE. The cache folder is keyed by torch version and device,
     since compiled kernels are only valid for those."""
     environ = os.environ if environ is None else environ
@@ -114,16 +110,6 @@ def compile_settings(root: Path | str, runtime: "Runtime", environ: Mapping[str,
     mode = environ.get(COMPILE_MODE_ENV, "").strip() or None
     cache_dir = Path(root) / CACHE_FOLDER / _slug(f"torch-{torch.__version__}-{device_name(runtime)}")
     return CompileSettings(enabled=value in _TRUE, mode=mode, cache_dir=cache_dir)
-
-
-def warm_up_sizes(model: FlashModel, ratios: Iterable[str] = ASPECT_RATIOS) -> list[tuple[int, int]]:
-    """(width, height) of every aspect ratio of the table, each once, in table order (1:1 first)."""
-    sizes: list[tuple[int, int]] = []
-    for ratio in ratios:
-        size = aspect_ratio_size(ratio, model.native_size)
-        if size not in sizes:
-            sizes.append(size)
-    return sizes
 
 
 # --- what the fast path looks like ---------------------------------------------------------------------
@@ -184,7 +170,7 @@ def _channels_last(pipe, model: FlashModel) -> list[str]:
     return names
 
 
-def apply_speedups(pipe, model: FlashModel, runtime: "Runtime") -> SpeedState:
+def apply_speedups(pipe, model: FlashModel, runtime: Runtime) -> SpeedState:
     """The eager path's own settings: diffusers' defaults are already the fast ones (see the module
     docstring), so this only checks them, and on CUDA applies channels_last if EAGER_CHANNELS_LAST."""
     state = SpeedState()
@@ -323,50 +309,32 @@ def compile_pipeline(pipe, model: FlashModel, settings: CompileSettings, state: 
     state.compiled = True
 
 
-def warm_up(engine: "Engine", sizes: Sequence[tuple[int, int]], batches: Sequence[int] = WARM_UP_BATCHES) -> int:
-    """One text-to-image call per size and batch, through the same engine.generate predictions use.
-    Returns the number of calls."""
-    calls, level = 0, log.level
-    log.setLevel(max(level, logging.WARNING))  # not one "Generating ..." line per warm-up call
-    try:
-        for batch in batches:
-            for width, height in sizes:
-                request = build_request(
-                    engine.model, prompt=WARM_UP_PROMPT, aspect_ratio="custom", width=width, height=height,
-                    num_outputs=batch, seed=0,
-                    disable_safety_checker=True,  # not compiled, and a flagged warm-up image must not fail setup
-                )
-                engine.generate(request)
-                calls += 1
-    finally:
-        log.setLevel(level)
-    return calls
-
-
 def compile_and_warm_up(
-    engine: "Engine",
+    pipe,
+    model: FlashModel,
     settings: CompileSettings,
-    sizes: Sequence[tuple[int, int]] | None = None,
+    warm_up: Callable[[Sequence[tuple[int, int]], Sequence[int]], int],
+    sizes: Sequence[tuple[int, int]],
     batches: Sequence[int] = WARM_UP_BATCHES,
 ) -> SpeedState:
-    """Compiled mode: compile, warm up at `sizes` (default: the aspect-ratio table) so no user pays a
-    compile, and keep the caches beside the weights. On any failure, back to eager with a warning."""
-    state = engine.speed
-    sizes = list(sizes) if sizes is not None else warm_up_sizes(engine.model)
+    """Compiled mode: compile, then `warm_up(sizes, batches)` (the caller's generation calls, returning how many
+    it made) so that no user pays a compile, and keep the caches beside the weights. On any failure, back to
+    eager with a warning."""
+    state = SpeedState()
     started = time.perf_counter()
     state.cache_dir = _use_cache_dir(settings)
-    mega_cache = _mega_cache_file(state.cache_dir, engine.model)
+    mega_cache = _mega_cache_file(state.cache_dir, model)
     state.mega_cache_loaded = _load_mega_cache(mega_cache)
     graphs_before = _graph_count()
     try:
-        compile_pipeline(engine.pipe, engine.model, settings, state)
-        state.warm_up_calls = warm_up(engine, sizes, batches)
+        compile_pipeline(pipe, model, settings, state)
+        state.warm_up_calls = warm_up(sizes, batches)
     except Exception as e:
         state.error = f"{type(e).__name__}: {e}"
         log.warning("Compiled mode failed (%s); running eager.", state.error, exc_info=True)
-        _undo_compile(engine.pipe, engine.model, state)
+        _undo_compile(pipe, model, state)
         return state
-    state.warm_up_sizes = sizes
+    state.warm_up_sizes = list(sizes)
     state.graphs_compiled = _graph_count() - graphs_before
     state.compile_seconds = time.perf_counter() - started
     _save_mega_cache(mega_cache)
@@ -374,18 +342,9 @@ def compile_and_warm_up(
     log.info(
         "Compiled mode: %d %s region(s)%s compiled and warmed up at %d sizes x batches %s in %.1f s "
         "(%d graphs; cache %s%s)",
-        len(regions), type(getattr(engine.pipe, engine.model.denoiser)).__name__,
+        len(regions), type(getattr(pipe, model.denoiser)).__name__,
         " and the VAE decoder" if "vae.decoder" in state.compiled_modules else "", len(sizes), list(batches),
         state.compile_seconds, state.graphs_compiled, state.cache_dir or "not kept",
         ", reused" if state.mega_cache_loaded else "",
-    )
+    )  # fmt: skip
     return state
-
-
-def optimize(engine: "Engine", root: Path | str, environ: Mapping[str, str] | None = None) -> "Engine":
-    """Engine.load's hook: the eager fast path always; compiled mode when FLASHSD_COMPILE=1."""
-    settings = compile_settings(root, engine.runtime, environ)
-    engine.speed = apply_speedups(engine.pipe, engine.model, engine.runtime)
-    if settings.enabled:
-        engine.speed = compile_and_warm_up(engine, settings)
-    return engine

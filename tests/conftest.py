@@ -24,7 +24,8 @@ def engines(tiny_weights):
     Tests that change an engine put it back as they found it."""
     import torch
 
-    from flashsd.engine import Engine, Runtime
+    from flashsd.engine import Engine
+    from flashsd.runtime import Runtime
     from flashsd.models import MODELS
 
     loaded = {}

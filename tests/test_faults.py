@@ -26,13 +26,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from flashsd import faults
-from flashsd.engine import Engine, Runtime
+from flashsd import cog_files, recovery
+from flashsd.engine import Engine
+from flashsd.runtime import Runtime
 from flashsd.errors import InputError, WeightsError
-from flashsd.faults import OutOfMemory, is_out_of_memory, safetensors_problem
+from flashsd.recovery import OutOfMemory, is_out_of_memory
 from flashsd.models import MODELS
 from flashsd.request import MAX_PROMPT_CHARS, build_request
-from flashsd.weights import download, repo_dir
+from flashsd.download import download
+from flashsd.weights import repo_dir, safetensors_problem
 from tests.fake_hub import FakeHub, _Handler, closed_port
 from tests.test_weights import (  # noqa: F401 - fixtures
     ADAPTER_FILES, ADAPTER_REV, BASE_REV, Log, base_files, big, hf_env, tiny_model,
@@ -168,20 +170,21 @@ def test_out_of_memory_mid_denoising_says_what_to_lower_frees_memory_and_the_nex
     denoiser = getattr(run.engine.pipe, run.engine.model.denoiser)
     fail = FailOnCall(torch.cuda.OutOfMemoryError(CUDA_OOM), on_call=2)  # the second denoising step
     handle = hooked(denoiser, fail)
+    gc.disable()  # the only collection is the one the recovery makes: the test must not free memory for it
     try:
         with pytest.raises(OutOfMemory) as caught:
             run.predict(seed=7, num_outputs=3, aspect_ratio="custom", width=128, height=96)
+        freed_by_the_recovery = fail.seen is not None and fail.seen() is None
     finally:
+        gc.enable()
         handle.remove()
+    assert freed_by_the_recovery, "the failed call's activations are still referenced after the out-of-memory error"
 
     message = str(caught.value)
     assert isinstance(caught.value, InputError)  # the user's to fix: Cog reports it as a failed prediction
     assert message.startswith("Out of memory generating 3 image(s) at 128x96")
     assert "num_outputs (it is 3" in message and "the size (it is 128x96" in message and "aspect_ratio" in message
     assert "CUDA out of memory" not in message and "Traceback" not in message
-    del caught
-    gc.collect()
-    assert fail.seen is not None and fail.seen() is None, "the failed call's activations are still referenced"
     assert hook_state(run.engine) == hooks_before
     scheduler = run.engine.pipe.scheduler
     assert getattr(scheduler, "_generators", None) is None and scheduler.step_index is None
@@ -192,7 +195,7 @@ def test_out_of_memory_mid_denoising_says_what_to_lower_frees_memory_and_the_nex
 def test_out_of_memory_message_names_guidance_when_it_doubles_the_batch():
     request = build_request(MODELS["sdxl"], prompt="x", negative_prompt="blurry", guidance_scale=3, num_outputs=1,
                             aspect_ratio="custom", width=2048, height=2048)
-    message = faults.out_of_memory_message(request, torch.device("cuda"))
+    message = recovery.out_of_memory_message(request, torch.device("cuda"))
     assert message.startswith("Out of GPU memory generating 1 image(s) at 2048x2048")
     assert "4.2 megapixels" in message and "guidance_scale to 1 or less" in message
     assert "num_outputs" not in message  # already 1: nothing to lower there
@@ -522,10 +525,10 @@ def test_input_copies_left_by_rejected_requests_are_swept_and_only_in_the_privat
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     shared = tmp_path / "tmpabcd1234.png"
     shared.write_bytes(b"someone else's")
-    assert faults.use_private_tempdir() is None  # not a Cog worker: nothing changes
-    assert faults.sweep_input_copies() == 0 and shared.exists()  # a shared TMPDIR is never swept
+    assert cog_files.use_private_tempdir() is None  # not a Cog worker: nothing changes
+    assert cog_files.sweep_input_copies() == 0 and shared.exists()  # a shared TMPDIR is never swept
 
-    folder = faults.use_private_tempdir(force=True)
+    folder = cog_files.use_private_tempdir(force=True)
     assert folder.parent == tmp_path and os.environ["TMPDIR"] == str(folder) == tempfile.gettempdir()
     stale, current = folder / "tmpq1w2e3r4.png", folder / "tmpz9x8c7v6file.png"
     outputs = folder / "flashsd-abc" / "flash-sdxl-1-0a1b2c3d.webp"
@@ -533,5 +536,5 @@ def test_input_copies_left_by_rejected_requests_are_swept_and_only_in_the_privat
     for path in (stale, current, outputs):
         path.write_bytes(b"x")
 
-    assert faults.sweep_input_copies(keep=(current, None)) == 1
+    assert cog_files.sweep_input_copies(keep=(current, None)) == 1
     assert not stale.exists() and current.exists() and outputs.exists() and shared.exists()

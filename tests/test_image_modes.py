@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flashsd.engine import Engine, Runtime
+from flashsd.engine import Engine
+from flashsd.runtime import Runtime
 from flashsd.images import write_outputs
 from flashsd.models import MODELS
 from flashsd.request import build_request

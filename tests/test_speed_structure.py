@@ -12,9 +12,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from flashsd import speed
-from flashsd.engine import Engine, Runtime
+from flashsd.engine import Engine
+from flashsd.runtime import Runtime
 from flashsd.models import MODELS
-from flashsd.request import build_request, size_table
+from flashsd.request import build_request, distinct_sizes, size_table
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 CPU16 = Runtime(torch.device("cpu"), torch.float16)
@@ -161,7 +162,7 @@ def test_compile_settings_read_the_environment(tmp_path):
 @pytest.mark.parametrize("key", ALL)
 def test_warm_up_covers_every_size_of_the_aspect_ratio_table(key):
     model = MODELS[key]
-    sizes = speed.warm_up_sizes(model)
+    sizes = distinct_sizes(model)
     assert set(sizes) == set(size_table(model).values()) and len(sizes) == len(set(sizes))
     assert sizes[0] == (model.native_size, model.native_size)
     assert speed.WARM_UP_BATCHES == (1, 2)  # dynamic graphs specialise on size-1 dimensions
@@ -169,7 +170,11 @@ def test_warm_up_covers_every_size_of_the_aspect_ratio_table(key):
 
 def test_engine_load_compiles_only_when_asked(tiny_weights, monkeypatch):
     seen = []
-    monkeypatch.setattr(speed, "compile_and_warm_up", lambda engine, settings: seen.append(settings) or speed.SpeedState(compiled=True))
+    def compile_and_warm_up(pipe, model, settings, warm_up, sizes, batches):
+        seen.append(settings)
+        return speed.SpeedState(compiled=True)
+
+    monkeypatch.setattr(speed, "compile_and_warm_up", compile_and_warm_up)
     monkeypatch.delenv("FLASHSD_COMPILE", raising=False)
     assert not Engine.load(MODELS["sd15"], tiny_weights, CPU32).speed.compiled and seen == []
     monkeypatch.setenv("FLASHSD_COMPILE", "1")
@@ -195,7 +200,7 @@ def test_compiled_mode_captures_whole_regions_and_keeps_the_images(tiny_weights,
     engine = Engine.load(MODELS[key], tiny_weights, CPU32)
     eager = engine.generate(request(key, num_outputs=2))
     settings = dataclasses.replace(speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1"}), backend="eager")
-    state = speed.compile_and_warm_up(engine, settings, sizes=[(64, 96)], batches=(2,))
+    state = engine.compile(settings, sizes=[(64, 96)], batches=(2,))
     assert state.error is None and state.compiled and state.warm_up_calls == 1
     assert state.compiled_modules[-1] == "vae.decoder" and len(state.compiled_modules) > 1
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == state.cache_dir == str(settings.cache_dir)
@@ -221,9 +226,9 @@ def test_a_failed_compile_falls_back_to_eager(tiny_weights, tmp_path, inductor_c
     def broken_warm_up(*args, **kwargs):
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr(speed, "warm_up", broken_warm_up)
+    monkeypatch.setattr(engine, "warm_up", broken_warm_up)
     settings = dataclasses.replace(speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1"}), backend="eager")
-    state = speed.compile_and_warm_up(engine, settings)
+    state = engine.compile(settings)
     assert not state.compiled and "compiler exploded" in state.error
     assert {type(p).__name__ for p in engine.pipe.unet.attn_processors.values()} == processors  # QKV unfused
     assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in engine.pipe.unet.modules())
@@ -236,13 +241,13 @@ def test_inductor_compile_and_its_cache_beside_the_weights(tiny_weights, tmp_pat
     engine = Engine.load(MODELS["sd15"], tiny_weights, CPU32)
     eager = engine.generate(request("sd15"))[0].image
     settings = speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1"})
-    state = speed.compile_and_warm_up(engine, settings, sizes=[(64, 96)], batches=(1,))
+    state = engine.compile(settings, sizes=[(64, 96)], batches=(1,))
     assert state.error is None and state.graphs_compiled > 0
     assert max_difference(engine.generate(request("sd15"))[0].image, eager) <= 2
     assert (settings.cache_dir / "sd15.megacache").is_file()
     assert any(settings.cache_dir.rglob("*.py")) or any(settings.cache_dir.rglob("*.so"))
     again = Engine.load(MODELS["sd15"], tiny_weights, CPU32)
-    assert speed.compile_and_warm_up(again, settings, sizes=[(64, 96)], batches=(1,)).mega_cache_loaded
+    assert again.compile(settings, sizes=[(64, 96)], batches=(1,)).mega_cache_loaded
 
 
 # --- the benchmarks still run (structure only, no timing) ----------------------------------------------

@@ -19,7 +19,8 @@ import pytest
 
 from flashsd.errors import WeightsError
 from flashsd.models import MODELS, FlashModel, HubRepo
-from flashsd.weights import HubUnreachable, default_root, download, ensure_weights, missing_files, repo_dir
+from flashsd.download import HubUnreachable, download, ensure_weights
+from flashsd.weights import default_root, missing_files, repo_dir
 from tests.fake_hub import FakeHub, closed_port
 
 PROJECT = Path(__file__).resolve().parent.parent
