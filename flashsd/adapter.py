@@ -51,7 +51,8 @@ _HALVES = (  # (pattern of what follows the module name, which half)
     (re.compile(r"\.lora_down\.weight$"), "down"),
     (re.compile(r"\.lora_up\.weight$"), "up"),
 )
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")  # ...attn1.processor.to_q_lora
+# ...attn1.processor.to_q_lora.down.weight: the LoRA of attn1.to_q (to_out means to_out.0)
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _ALPHA = re.compile(r"\.alpha$")
 
 
@@ -76,18 +77,17 @@ def _split(key: str) -> tuple[str, str, str] | None:
     prefix = next((p for p in _COMPONENT_PREFIXES if key.startswith(p)), None)
     if prefix is None:
         return None
-    rest = key[len(prefix) :]
+    component, rest = _COMPONENT_PREFIXES[prefix], key[len(prefix) :]
+    processor = _PROCESSOR.search(rest)
+    if processor:
+        target = "to_out.0" if processor.group(1) == "to_out" else processor.group(1)
+        return component, f"{rest[: processor.start()]}.{target}", processor.group(2)
     for pattern, half in _HALVES:
         match = pattern.search(rest)
         if match:
-            module = rest[: match.start()]
-            processor = _PROCESSOR.search(module)
-            if processor:  # the attention-processor era: the LoRA of attn.to_q lives at attn.processor.to_q_lora
-                target = processor.group(1)
-                module = module[: processor.start()] + "." + ("to_out.0" if target == "to_out" else target)
-            return _COMPONENT_PREFIXES[prefix], module, half
+            return component, rest[: match.start()], half
     if _ALPHA.search(rest):
-        return _COMPONENT_PREFIXES[prefix], rest[: -len(".alpha")], "alpha"
+        return component, rest[: -len(".alpha")], "alpha"
     return None
 
 
