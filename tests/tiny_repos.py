@@ -8,6 +8,12 @@ special tokens, shard names, VAE scale factor 8, latent channels, conditioning k
 tiny. Same seed → byte-identical files. Every model also lists the safety checker, which lives in SD1.5's
 repo folder: a folder shared by several models holds the union of their files, each written identically.
 
+The Flash adapters are in their real files' formats (see "the Flash adapters" below): SDXL / SD1.5 LoRA files
+with old diffusers keys at the real ranks on every attention projection; SD3 / PixArt PEFT adapters (r=64,
+alpha=8, 12 target names), PixArt's layers named after Jasper's training wrapper by default
+(`adapter_naming="diffusers"` or write_pixart_adapter give the diffusers-named variant). Every LoRA layer is
+randomised (a fresh LoRA is a no-op).
+
     python -m tests.tiny_repos DIR [MODEL ...]      # builds the given models (default: all) under DIR
 """
 from __future__ import annotations
@@ -97,7 +103,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
     """A byte-level BPE in CLIP's format, its merges learned on CORPUS.
 
@@ -191,7 +197,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str = CLIP_EOS) -> None:
     })  # fmt: skip
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def t5_spiece_model() -> bytes:
     """A real sentencepiece unigram model trained on CORPUS, with T5's special ids (pad 0, eos 1, unk 2,
     no bos)."""
@@ -269,51 +275,205 @@ def vae(seed: int, salt: str, *, latent_channels: int = 4, **config):
     return model.eval()
 
 
+# --- the Flash adapters, in their real files' formats ----------------------------------------------------
+#
+# Sources: the training code, gojasper/flash-diffusion @ 3ffd9a8389fbb161c173068fac1377a21d518a01
+# (examples/train_flash_{sdxl,sd,sd3,pixart}.py, examples/configs/*.yaml, setup.py), and
+# /work/shared/REFERENCE.md §1b (the hub files' sizes, which these layouts match). The files themselves were not
+# seen: where a detail is inferred, the comment says so.
+
+# SDXL and SD1.5: `unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+# target_modules=["to_k", "to_q", "to_v", "to_out.0"]))` (train_flash_sdxl.py, train_flash_sd.py): every
+# attention's four projections, nothing else.
+FLASH_UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# bench/fullsize.py builds its SD1.5-size LoRA from this name.
+UNET_LORA_TARGETS = FLASH_UNET_LORA_TARGETS
+# LORA_RANK: 64 (configs/flash_sdxl.yaml, flash_sd3.yaml, flash_pixart.yaml), 128 (configs/flash_sd.yaml).
+FLASH_LORA_RANK = {"sdxl": 64, "sd15": 128, "sd3": 64, "pixart": 64}
+# SD3 and PixArt: `get_peft_model(student, LoraConfig(r=64, target_modules=[...these 12...]))`
+# (train_flash_sd3.py, train_flash_pixart.py); lora_alpha is not given, so it is peft's default, 8.
+FLASH_PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
+                      "linear", "linear_1", "linear_2"]  # fmt: skip
+FLASH_PEFT_ALPHA = 8
+# The trainer's own model classes, which peft records in adapter_config.json's `auto_mapping` (peft's
+# PeftModel.save_pretrained does so for a model without a task type). Both live in
+# src/flash/models/transformers/tranformers.py (sic), module flash.models.transformers.tranformers. PixArt's is
+# REFERENCE §1b's reading of the real config; SD3's follows from train_flash_sd3.py (an assumption: not seen).
+FLASH_WRAPPER_LIBRARY = "flash.models.transformers.tranformers"
+PIXART_WRAPPER_CLASS = "DiffusersTransformer2DWrapper"
+SD3_WRAPPER_CLASS = "DiffusersSD3Transformer2DWrapper"
+# Jasper's PixArt wrapper names its AdaLN embedders differently from diffusers' PixArtTransformer2DModel. The
+# file holds LoRA layers for the wrapper's names; diffusers' model has the other names instead.
+PIXART_WRAPPER_ONLY_LAYERS = tuple(
+    f"adaln_single.{embedder}.{linear}"
+    for embedder in ("timestep_embedder", "add_embedding.0", "add_embedding.1", "add_embedding.2")
+    for linear in ("linear_1", "linear_2")
+)
+PIXART_DIFFUSERS_ONLY_LAYERS = tuple(
+    f"adaln_single.emb.{embedder}.{linear}"
+    for embedder in ("timestep_embedder", "resolution_embedder", "aspect_ratio_embedder")
+    for linear in ("linear_1", "linear_2")
+)
+ADAPTER_NAMINGS = ("wrapper", "diffusers")  # PixArt adapter fixtures: Jasper's wrapper's names or diffusers'
+
+
+class FlashPixArtAdaLN(torch.nn.Module):
+    """The parameterised modules of the AdaLN that Jasper's PixArt wrapper uses instead of diffusers' own
+    (gojasper/flash-diffusion, src/flash/models/transformers/utils.py, class AdaLayerNormSingle, as
+    examples/train_flash_pixart.py builds it: use_concat_conditioning=True, num_vector_conditionings=3,
+    projection_class_embeddings_input_dim=256, timesteps_embedding_num_channels=256): a timestep embedder, an
+    `add_embedding` ModuleList of one TimestepEmbedding per vector conditioning (height, width, aspect ratio),
+    each `dim // 3` wide, and the 6-way modulation `linear`. Only the layout matters here (it names the LoRA
+    layers and fixes their shapes); it has no forward."""
+
+    def __init__(self, dim: int, conditionings: int = 3, channels: int = 256):
+        from diffusers.models.embeddings import TimestepEmbedding
+
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(in_channels=channels, time_embed_dim=dim)
+        self.add_embedding = torch.nn.ModuleList(
+            TimestepEmbedding(in_channels=channels, time_embed_dim=dim // conditionings) for _ in range(conditionings)
+        )
+        self.linear = torch.nn.Linear(dim, 6 * dim, bias=True)
+
+
+def as_flash_pixart_wrapper(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a diffusers PixArtTransformer2DModel laid out as Jasper's DiffusersTransformer2DWrapper (a
+    Transformer2DModel whose `adaln_single` is FlashPixArtAdaLN), its AdaLN weights taken from diffusers' as
+    examples/train_flash_pixart.py does: timestep_embedder <- emb.timestep_embedder, add_embedding[0] and [1]
+    (height, width) <- emb.resolution_embedder, add_embedding[2] <- emb.aspect_ratio_embedder. Works on the meta
+    device too (nothing is allocated there)."""
+    import copy
+
+    wrapper = copy.deepcopy(transformer)
+    emb = transformer.adaln_single.emb
+    sources = {
+        "timestep_embedder": emb.timestep_embedder, "add_embedding.0": emb.resolution_embedder,
+        "add_embedding.1": emb.resolution_embedder, "add_embedding.2": emb.aspect_ratio_embedder,
+        "linear": transformer.adaln_single.linear,
+    }  # fmt: skip
+    weight = transformer.adaln_single.linear.weight
+    with torch.device(weight.device):
+        adaln = FlashPixArtAdaLN(dim=weight.shape[1]).to(weight.dtype)
+    modules = dict(adaln.named_modules())
+    with torch.no_grad():
+        for name, source in sources.items():
+            target = modules[name].state_dict()
+            assert target.keys() == source.state_dict().keys(), name
+            for key, value in source.state_dict().items():
+                assert target[key].shape == value.shape, (name, key)
+                target[key].copy_(value)
+    wrapper.adaln_single = adaln
+    return wrapper
+
+
+def peft_adapter_config(model_key: str, naming: str = "wrapper") -> dict:
+    """adapter_config.json of the Flash PEFT adapters, as peft 0.9.0 (setup.py pins peft==0.9.0) writes it for
+    `LoraConfig(r=64, target_modules=[12 names])` on the trainer's model: its LoraConfig fields with their
+    defaults, inference_mode true, no base_model_name_or_path (diffusers models have no `name_or_path`) and the
+    auto_mapping of the trainer's class. target_modules is a set in peft: saved in arbitrary order; sorted here.
+    (A reconstruction: the real files were not seen. peft of today reads it, filling in its newer fields.)"""
+    if model_key == "sd3":
+        base_class, library = SD3_WRAPPER_CLASS, FLASH_WRAPPER_LIBRARY
+    elif model_key == "pixart" and naming == "wrapper":
+        base_class, library = PIXART_WRAPPER_CLASS, FLASH_WRAPPER_LIBRARY
+    elif model_key == "pixart" and naming == "diffusers":  # what peft records on diffusers' own PixArt
+        base_class, library = "PixArtTransformer2DModel", "diffusers.models.transformers.pixart_transformer_2d"
+    else:
+        raise ValueError(f"no PEFT adapter for {model_key!r} with naming {naming!r}")
+    return {
+        "alpha_pattern": {}, "auto_mapping": {"base_model_class": base_class, "parent_library": library},
+        "base_model_name_or_path": None, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": FLASH_PEFT_ALPHA, "lora_dropout": 0.0, "megatron_config": None, "megatron_core": "megatron.core",
+        "modules_to_save": None, "peft_type": "LORA", "r": FLASH_LORA_RANK[model_key], "rank_pattern": {},
+        "revision": None, "target_modules": sorted(FLASH_PEFT_TARGETS), "task_type": None, "use_dora": False,
+        "use_rslora": False,
+    }  # fmt: skip
+
+
+def write_peft_adapter_config(folder: Path, model_key: str, naming: str = "wrapper") -> None:
+    """peft 0.9.0's PeftConfig.save_pretrained: json.dumps(indent=2, sort_keys=True), no final newline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(peft_adapter_config(model_key, naming), indent=2, sort_keys=True)
+    (folder / "adapter_config.json").write_text(text, encoding="utf-8")
+
+
+def lora_file_key(module: str, peft_key: str) -> str:
+    """The old diffusers key of a LoRA file layer: `unet.<module>.lora.down.weight` / `.lora.up.weight` (what
+    diffusers' convert_state_dict_to_diffusers + save_lora_weights wrote from a peft UNet adapter in 2024)."""
+    part = {"lora_A": "down", "lora_B": "up"}[peft_key]
+    return f"unet.{module}.lora.{part}.weight"
+
+
+def peft_file_key(module: str, peft_key: str) -> str:
+    """The key of a PEFT adapter layer as peft's save_pretrained writes it (adapter name removed)."""
+    return f"base_model.model.{module}.{peft_key}.weight"
+
+
 def _randomise_adapter(model: torch.nn.Module, seed: int, salt: str) -> int:
     """Give every LoRA layer random A and B (a fresh LoRA has B = 0: a no-op), B scaled so that the layer's
-    weight changes by LORA_RELATIVE_NORM of its norm: a visible change that stays finite (also in fp16)."""
+    weight changes by LORA_RELATIVE_NORM of its norm: a visible change that stays finite (also in fp16). Each
+    layer draws from its own seed (seed, salt, module name), so a layer's values do not depend on which other
+    layers the adapter has: two adapters with the same salt agree on the layers they share."""
     from peft.tuners.lora import LoraLayer
 
-    _seeded(seed, salt)
     count = 0
     with torch.no_grad():
-        for module in model.modules():
+        for module_name, module in model.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
+            layer = module_name.removeprefix("base_model.model.")
+            base_norm = module.get_base_layer().weight.norm()
+            assert base_norm > 0, f"{layer}: a zero base weight would make its LoRA a no-op"
             for name in module.lora_A:
+                _seeded(seed, f"{salt}/{layer}")
                 a, b = module.lora_A[name].weight, module.lora_B[name].weight
                 a.normal_(0.0, 1.0 / math.sqrt(a[0].numel()))
                 b.normal_(0.0, 1.0)
                 delta = module.get_delta_weight(name).norm()
-                b.mul_(LORA_RELATIVE_NORM * module.get_base_layer().weight.norm() / delta)
+                b.mul_(LORA_RELATIVE_NORM * base_norm / delta)
                 count += 1
     return count
 
 
-def _save_lora_file(pipeline_class, unet, folder: Path, seed: int, salt: str, targets: list[str]) -> None:
-    """A diffusers-format LoRA file (pytorch_lora_weights.safetensors) for the UNet only."""
+def _save_lora_file(unet, folder: Path, seed: int, salt: str, rank: int) -> None:
+    """pytorch_lora_weights.safetensors as the Flash SDXL / SD1.5 repos ship it (REFERENCE §1b): fp32, metadata
+    {"format": "pt"} (diffusers' save_lora_weights), old diffusers keys `unet.<module>.lora.down.weight` /
+    `.lora.up.weight`, every attention's to_q / to_k / to_v / to_out.0 at the real rank, no `.alpha` keys (alpha
+    = rank in training, so scale 1, which is also what loaders assume without one), no text-encoder layers."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=FLASH_UNET_LORA_TARGETS))  # fmt: skip
     assert _randomise_adapter(unet, seed, salt) > 0
-    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    pipeline_class.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    layers = {}
+    for key, value in get_peft_model_state_dict(unet).items():
+        module, peft_key, _ = key.rsplit(".", 2)
+        layers[lora_file_key(module, peft_key)] = value.float().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(layers, folder / "pytorch_lora_weights.safetensors", metadata={"format": "pt"})
 
 
-def _save_peft_adapter(transformer, folder: Path, seed: int, salt: str, targets: list[str]) -> None:
-    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the transformer."""
+def _save_peft_adapter(model, folder: Path, seed: int, salt: str, model_key: str, naming: str = "wrapper") -> None:
+    """A Flash PEFT adapter folder: adapter_config.json (peft_adapter_config) and adapter_model.safetensors as
+    peft's save_pretrained writes it: fp32, metadata {"format": "pt"}, keys
+    `base_model.model.<module>.lora_A.weight` / `lora_B.weight` for every module of `model` that peft's suffix
+    matching of FLASH_PEFT_TARGETS selects (Linear and Conv2d alike), at rank 64."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    config = LoraConfig(r=4, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets)
-    model = get_peft_model(transformer, config)
-    assert _randomise_adapter(model, seed, salt) > 0
-    model.save_pretrained(folder, safe_serialization=True)
-    # peft keeps target_modules as a set: its order would follow the string hash seed of the process.
-    config_file = folder / "adapter_config.json"
-    saved = json.loads(config_file.read_text())
-    saved["target_modules"] = sorted(saved["target_modules"])
-    _json_dump(config_file, saved, sort_keys=True)
+    config = LoraConfig(r=FLASH_LORA_RANK[model_key], lora_alpha=FLASH_PEFT_ALPHA, target_modules=FLASH_PEFT_TARGETS)
+    peft_model = get_peft_model(model, config)
+    assert _randomise_adapter(peft_model, seed, salt) > 0
+    weights = {k: v.float().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    assert all(k.startswith("base_model.model.") for k in weights), sorted(weights)[:3]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_peft_adapter_config(folder, model_key, naming)
 
 
 def _save_pipeline_index(pipeline, folder: Path, **listed) -> None:
@@ -357,9 +517,6 @@ PIXART_SCHEDULER = {
     "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None,
 }  # fmt: skip
 
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                     "conv1", "conv2", "time_emb_proj"]  # fmt: skip
-
 
 def _save_fp16(model, folder: Path) -> None:
     model.to(torch.float16).save_pretrained(folder, variant="fp16", safe_serialization=True)
@@ -395,8 +552,7 @@ def _build_sdxl(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
     _save_fp16(te2, base / "text_encoder_2")
     fix_vae.save_pretrained(dirs[model.vae.id], safe_serialization=True)  # the fix ships fp32 only
     _save_fp16(unet, base / "unet")
-    _save_lora_file(StableDiffusionXLPipeline, unet.float(), dirs[model.adapter.id], seed, "sdxl/lora",
-                    UNET_LORA_TARGETS)  # fmt: skip
+    _save_lora_file(unet.float(), dirs[model.adapter.id], seed, "sdxl/lora", FLASH_LORA_RANK["sdxl"])
 
 
 def _build_sd15(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
@@ -425,8 +581,7 @@ def _build_sd15(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
     _save_fp16(te, base / "text_encoder")
     _save_fp16(unet, base / "unet")
     _save_fp16(sd_vae, base / "vae")
-    _save_lora_file(StableDiffusionPipeline, unet.float(), dirs[model.adapter.id], seed, "sd15/lora",
-                    UNET_LORA_TARGETS)  # fmt: skip
+    _save_lora_file(unet.float(), dirs[model.adapter.id], seed, "sd15/lora", FLASH_LORA_RANK["sd15"])
 
 
 def _build_sd3(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
@@ -461,13 +616,44 @@ def _build_sd3(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
     te2.to(torch.float16).save_pretrained(base / "text_encoder_2", safe_serialization=True)
     transformer.to(torch.float16).save_pretrained(base / "transformer", safe_serialization=True)
     sd3_vae.to(torch.float16).save_pretrained(base / "vae", safe_serialization=True)
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-               "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]  # fmt: skip
-    _save_peft_adapter(transformer.float(), dirs[model.adapter.id], seed, "sd3/peft", targets)
+    _save_peft_adapter(transformer.float(), dirs[model.adapter.id], seed, "sd3/peft", "sd3")
 
 
-def _build_pixart(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+def _pixart_transformer(seed: int):
+    """The tiny PixArt transformer (fp32) of the base repo: the same weights for the same seed."""
+    from diffusers import PixArtTransformer2DModel
+
+    _seeded(seed, "pixart/transformer")
+    return PixArtTransformer2DModel(
+        # sample_size 128 as in the real 1024 px model: the pipeline and the model then use the resolution
+        # and aspect-ratio conditioning (use_additional_conditions); position embeddings follow any size.
+        # Inner size 24: divisible by 3, as the resolution / aspect-ratio embeddings need (real: 1152).
+        sample_size=128, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
+        out_channels=8, cross_attention_dim=24, caption_channels=32, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+        activation_fn="gelu-approximate",
+    ).eval()  # fmt: skip
+
+
+def _write_pixart_adapter(folder: Path, transformer, seed: int, naming: str) -> None:
+    if naming not in ADAPTER_NAMINGS:
+        raise ValueError(f"adapter_naming must be one of {ADAPTER_NAMINGS}, not {naming!r}")
+    # The same salt for both namings: the layers they share hold the same values.
+    model = as_flash_pixart_wrapper(transformer) if naming == "wrapper" else transformer
+    _save_peft_adapter(model, folder, seed, "pixart/peft", "pixart", naming)
+
+
+def write_pixart_adapter(folder: Path, *, naming: str, seed: int = 0) -> None:
+    """Write only the Flash PixArt adapter folder (adapter_config.json, adapter_model.safetensors) for the tiny
+    PixArt of `seed`, its layers named after Jasper's wrapper ("wrapper", what the real file most likely holds:
+    REFERENCE §1b) or after diffusers' PixArtTransformer2DModel ("diffusers", what peft gives on the pipeline's
+    own transformer). Same seed: the same bytes as that naming's adapter in build_repo_files."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _quiet():
+        _write_pixart_adapter(Path(folder), _pixart_transformer(seed), seed, naming)
+
+
+def _build_pixart(model: FlashModel, dirs: dict[str, Path], seed: int, adapter_naming: str = "wrapper") -> None:
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
     from transformers import T5Config, T5EncoderModel
 
     base = dirs[model.base.id]
@@ -479,16 +665,7 @@ def _build_pixart(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
     )  # fmt: skip
     _seeded(seed, "pixart/text_encoder")
     te = T5EncoderModel(config).eval()
-    _seeded(seed, "pixart/transformer")
-    transformer = PixArtTransformer2DModel(
-        # sample_size 128 as in the real 1024 px model: the pipeline and the model then use the resolution
-        # and aspect-ratio conditioning (use_additional_conditions); position embeddings follow any size.
-        # Inner size 24: divisible by 3, as the resolution / aspect-ratio embeddings need (real: 1152).
-        sample_size=128, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
-        out_channels=8, cross_attention_dim=24, caption_channels=32, norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
-        activation_fn="gelu-approximate",
-    ).eval()  # fmt: skip
+    transformer = _pixart_transformer(seed)
     pixart_vae = vae(seed, "pixart/vae", sample_size=512, scaling_factor=0.18215)
     pipe = PixArtAlphaPipeline(
         tokenizer=None, text_encoder=te, vae=pixart_vae, transformer=transformer,
@@ -505,8 +682,7 @@ def _build_pixart(model: FlashModel, dirs: dict[str, Path], seed: int) -> None:
     transformer_config["_class_name"] = "Transformer2DModel"
     _json_dump(config_file, transformer_config, sort_keys=True)
     pixart_vae.save_pretrained(base / "vae", safe_serialization=True)
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj", "linear"]
-    _save_peft_adapter(transformer, dirs[model.adapter.id], seed, "pixart/peft", targets)
+    _write_pixart_adapter(dirs[model.adapter.id], transformer, seed, adapter_naming)
 
 
 def _save_t5_two_shards(te, folder: Path) -> None:
@@ -575,12 +751,32 @@ def _complete(root: Path, repos: tuple[HubRepo, ...]) -> bool:
     return all((root / repo.id / name).is_file() for repo in repos for name in repo.files)
 
 
-def build_repo_files(root: Path, model_key: str, *, seed: int = 0) -> None:
+def pixart_adapter_naming(folder: Path) -> str | None:
+    """Which naming a PixArt adapter folder holds ("wrapper" or "diffusers", from its config's auto_mapping);
+    None without one."""
+    config = Path(folder) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    mapping = json.loads(config.read_text(encoding="utf-8")).get("auto_mapping") or {}
+    return "wrapper" if mapping.get("base_model_class") == PIXART_WRAPPER_CLASS else "diffusers"
+
+
+def build_repo_files(root: Path, model_key: str, *, seed: int = 0, adapter_naming: str | None = None) -> None:
     """Write every HubRepo of MODELS[model_key] under `root / repo.id`, each with exactly `repo.files`.
-    Does nothing when all those files exist already; otherwise rebuilds that model's repos whole."""
+    Does nothing when all those files exist already; otherwise rebuilds that model's repos whole.
+    `adapter_naming` (PixArt only): the adapter's layers named after Jasper's wrapper ("wrapper", the default:
+    what the real file most likely holds) or after diffusers' PixArtTransformer2DModel ("diffusers"); a root
+    holding the other naming is rebuilt."""
     model = MODELS[model_key]
     root = Path(root)
-    if _complete(root, model.repos):
+    if model_key == "pixart":
+        adapter_naming = adapter_naming or "wrapper"
+        if adapter_naming not in ADAPTER_NAMINGS:
+            raise ValueError(f"adapter_naming must be one of {ADAPTER_NAMINGS}, not {adapter_naming!r}")
+    elif adapter_naming is not None:
+        raise ValueError(f"adapter_naming applies to the PixArt adapter only, not to {model_key!r}")
+    naming_ok = model_key != "pixart" or pixart_adapter_naming(root / model.adapter.id) == adapter_naming
+    if _complete(root, model.repos) and naming_ok:
         return
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tiny-{model_key}-", dir=root))
@@ -590,7 +786,8 @@ def build_repo_files(root: Path, model_key: str, *, seed: int = 0) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         # fork_rng: the caller's torch RNG is left as it was.
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _quiet():
-            BUILDERS[model_key](model, dirs, seed)
+            extra = {"adapter_naming": adapter_naming} if model_key == "pixart" else {}
+            BUILDERS[model_key](model, dirs, seed, **extra)
             if model.safety_checker is not None:
                 build_safety_checker(dirs[model.safety_checker.id], seed)
         for repo in model.repos:
