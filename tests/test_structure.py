@@ -1,0 +1,41 @@
+"""The package's shape: modules import in one direction, and the product imports no private module of a library."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def test_flashsd_imports_in_one_direction():
+    result = subprocess.run([sys.executable, "scripts/import-graph"], cwd=PROJECT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "engine        -> adapter" in result.stdout  # it read the real graph, not an empty one
+
+
+def test_the_graph_script_finds_a_circle(tmp_path):
+    package = tmp_path / "flashsd"
+    package.mkdir()
+    (package / "a.py").write_text("from .b import x\n")
+    (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .c import y\n")
+    (package / "c.py").write_text("from . import a\n")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "import-graph").write_text((PROJECT / "scripts" / "import-graph").read_text())
+    result = subprocess.run([sys.executable, str(scripts / "import-graph")], capture_output=True, text=True)
+    assert result.returncode == 1 and "import circle: a -> b -> c -> a" in result.stderr
+
+
+def test_the_product_imports_no_private_module_of_huggingface_hub_or_cog():
+    product = [*sorted((PROJECT / "flashsd").glob("*.py")), PROJECT / "predict.py", *sorted((PROJECT / "scripts").iterdir())]
+    private = []
+    for path in product:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                parts = name.split(".")
+                if parts[0] in ("huggingface_hub", "cog", "coglet") and any(p.startswith("_") for p in parts[1:]):
+                    private.append(f"{path.name}: {name}")
+    assert len(product) > 20 and private == []
