@@ -13,8 +13,13 @@ seeded random mixtures of all of these. Each request must end as one of:
 
 and /health-check must answer READY afterwards, with the same worker process (coglet never restarts one).
 
+Every case carries the outcome it must get (`Case.expect`), worked out here independently of the server: for
+inputs, from the schema as coglet applies it (a violation is a 422) and then from flashsd's documented input rules
+(`Generator.input_problems`: each problem a text the error must contain); for raw bodies, written out by hand. A
+request that gets any other outcome is a mismatch (`Report.mismatches`), even when that outcome is itself clean.
+
     python bench/fuzz_http.py                      # tiny random weights (built in a temp dir), all cases
-    python bench/fuzz_http.py --cases 2000 --full  # more random mixtures; heavy cases run to completion
+    python bench/fuzz_http.py --mixtures 2000 --full  # more random mixtures; heavy cases run to completion
     python bench/fuzz_http.py --model sd15 --weights weights/ --json fuzz.json
 
 tests/test_robustness_http.py runs the same generator (at least 500 requests) in the test suite; heavy cases
@@ -122,6 +127,35 @@ class Case:
     names: tuple[str, ...] = ()  # what a failure message must mention (any of them); () = anything readable
     heavy: bool = False  # runs at native size or larger: cancelled in the test suite, completed with --full
     expect_log: str | None = None  # a line the server log must contain afterwards
+    # The outcome it must get: alternatives joined by " | ", each an outcome kind ("422", "400", "415",
+    # "succeeded", "canceled") or "failed: <text the error contains>". Set by the Generator for every case.
+    expect: str = ""
+
+    def expected(self, full: bool = False) -> list[str]:
+        """The acceptable outcomes; run to completion (--full), a heavy case succeeds instead of being cancelled."""
+        alternatives = [a.strip() for a in self.expect.split(" | ") if a.strip()]
+        if full and self.heavy and "canceled" in alternatives:
+            alternatives = [a for a in alternatives if a != "canceled"] + ["succeeded"]
+        return list(dict.fromkeys(alternatives))
+
+
+def meets(expected: list[str], kind: str, message: str) -> bool:
+    """Whether an outcome (kind, message) is one of the expected ones."""
+    for alternative in expected:
+        wanted, _, text = alternative.partition(": ")
+        if wanted == kind and (not text or text in message):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What a file input's value is by the time predict() would see it (the fuzzer's own record of each value)."""
+
+    problem: str | None = None  # the start of the error it causes; "{name}" stands for the input's name
+    before_predict: bool = False  # coglet fails the request itself (a download that fails), before predict()
+    size: tuple[int, int] | None = None  # an image: its size
+    white: bool = False  # as a mask: has pixels of at least half grey (the ones repainted)
 
 
 CHUNK_TOKENS = "a lighthouse at dawn, oil painting, highly detailed, dramatic clouds, "
@@ -192,10 +226,13 @@ def _wrong_types(kind: str) -> list[tuple[str, Any]]:
 
 
 class Generator:
-    """Cases from an OpenAPI document; `base` is a valid, cheap request (64x64 when 'custom' exists)."""
+    """Cases from an OpenAPI document; `base` is a valid, cheap request (64x64 when 'custom' exists). `model`
+    (a flashsd model key) decides whether image inputs are accepted."""
 
-    def __init__(self, schema: dict, seed: int = 0, closed_port: int | None = None):
+    def __init__(self, schema: dict, seed: int = 0, closed_port: int | None = None, model: str = "sdxl"):
         self.schema = schema
+        self.model = model
+        self.uploads: dict[str, Upload] = {}
         components = schema["components"]["schemas"]
         self.input = components["Input"]
         self.properties: dict[str, dict] = {}
@@ -259,25 +296,38 @@ class Generator:
                         cases.append(Case(f"{name}: random {value}", self.with_(**{name: value}), names=(name,)))
             if prop.get("format") == "uri":
                 cases += self.uri_cases(name)
-        return cases
+        return self.expecting(cases)
 
     def uri_cases(self, name: str) -> list[Case]:
         """A file input: what coglet downloads or decodes before predict() sees a path."""
-        other = {"mask": {"image": tiny_png()}}.get(name, {})
+        other = {"mask": {"image": self.png()}}.get(name, {})
+        unreadable, not_image = Upload("{name} could not be read"), Upload("{name} is not an image")
         values = [
-            ("empty", ""),
-            ("not a url", "not a url"),
-            ("truncated data url", "data:image/png;base64,AAAA"),
-            ("text data url", "data:text/plain;base64," + base64.b64encode(b"hello").decode()),
-            ("bad base64", "data:image/png;base64,@@@@"),
-            ("unreachable http", f"http://127.0.0.1:{self.closed}/x.png"),
-            ("unsupported scheme", "ftp://127.0.0.1/x.png"),
-            ("local file", "file:///etc/passwd"),
-            ("1x1 image", tiny_png((1, 1))),
-            ("very wide image", tiny_png((4000, 16))),
-            ("palette with alpha", tiny_png((64, 64), 3, "P")),
+            ("empty", self.file("", unreadable)),  # the empty path: the working directory
+            ("not a url", self.file("not a url", unreadable)),
+            ("truncated data url", self.file("data:image/png;base64,AAAA", not_image)),
+            ("text data url", self.file("data:text/plain;base64," + base64.b64encode(b"hello").decode(), not_image)),
+            ("bad base64", self.file("data:image/png;base64,@@@@", not_image)),
+            ("unreachable http", self.file(f"http://127.0.0.1:{self.closed}/x.png",
+                                           Upload("Input validation error", before_predict=True))),
+            ("unsupported scheme", self.file("ftp://127.0.0.1/x.png", unreadable)),
+            ("local file", self.file("file:///etc/passwd", unreadable)),  # never read from the disk
+            ("1x1 image", self.png((1, 1))),
+            ("very wide image", self.png((4000, 16))),
+            ("palette with alpha", self.png((64, 64), 3, "P")),
         ]
         return [Case(f"{name}: {label}", self.with_(**other, **{name: value}), names=(name,)) for label, value in values]
+
+    def file(self, value: str, upload: Upload) -> str:
+        self.uploads[value] = upload
+        return value
+
+    def png(self, size: tuple[int, int] = (64, 64), color=(200, 30, 30), mode: str = "RGB") -> str:
+        """tiny_png(...), recorded with its size and whether it has white (as a mask: repainted) pixels."""
+        from PIL import Image
+
+        _, lightest = Image.new(mode, size, color).convert("L").getextrema()
+        return self.file(tiny_png(size, color, mode), Upload(size=size, white=lightest >= 128))
 
     # -- prompts --
 
@@ -289,7 +339,7 @@ class Generator:
             if "negative_prompt" in self.properties and "guidance_scale" in self.properties:
                 cases.append(Case(f"negative_prompt: {label}", self.with_(negative_prompt=text, guidance_scale=2),
                                   names=("negative_prompt",)))
-        return cases
+        return self.expecting(cases)
 
     # -- across fields --
 
@@ -323,11 +373,11 @@ class Generator:
             cases.append(Case("seed 0", self.with_(seed=0), names=("seed",)))
         if {"image", "mask"} <= set(p):
             cases += [
-                Case("image to image", self.with_(image=tiny_png()), names=("image",)),
-                Case("inpainting", self.with_(image=tiny_png(), mask=tiny_png((64, 64), 255, "L")), names=("mask",)),
-                Case("mask without image", self.with_(mask=tiny_png((64, 64), 255, "L")), names=("mask", "image")),
-                Case("black mask", self.with_(image=tiny_png(), mask=tiny_png((64, 64), 0, "L")), names=("mask",)),
-                Case("mask of another size", self.with_(image=tiny_png(), mask=tiny_png((32, 48), 255, "L")),
+                Case("image to image", self.with_(image=self.png()), names=("image",)),
+                Case("inpainting", self.with_(image=self.png(), mask=self.png((64, 64), 255, "L")), names=("mask",)),
+                Case("mask without image", self.with_(mask=self.png((64, 64), 255, "L")), names=("mask", "image")),
+                Case("black mask", self.with_(image=self.png(), mask=self.png((64, 64), 0, "L")), names=("mask",)),
+                Case("mask of another size", self.with_(image=self.png(), mask=self.png((32, 48), 255, "L")),
                      names=("mask",)),
             ]
         cases += [
@@ -338,52 +388,63 @@ class Generator:
             Case("200 unknown fields", self.with_(**{f"extra_{i}": i for i in range(200)}), names=()),
             Case("empty input", {}, names=("prompt",)),
         ]
-        return cases
+        return self.expecting(cases)
 
     # -- bodies --
 
     def body_cases(self) -> list[Case]:
+        """Malformed requests. Expected: 400 for what is not JSON, 415 for another content type, 422 for JSON that
+        is not a prediction request; a well-formed request gets what its input gets."""
         valid = json.dumps({"input": self.base}).encode()
         j = {"Content-Type": "application/json"}
+        huge = self.with_(prompt="a" * 3_000_000)
         raw = [
-            ("empty body", b""),
-            ("open brace", b"{"),
-            ("not json", b"{not json"),
-            ("array", b"[]"),
-            ("null", b"null"),
-            ("number", b"42"),
-            ("string", b'"a cat"'),
-            ("input null", b'{"input": null}'),
-            ("input array", b'{"input": []}'),
-            ("input string", b'{"input": "a cat"}'),
-            ("no input", b"{}"),
-            ("trailing comma", b'{"input": {"prompt": "a cat",}}'),
-            ("NaN literal", b'{"input": {"prompt": "a cat", "guidance_scale": NaN}}'),
-            ("Infinity literal", b'{"input": {"prompt": "a cat", "guidance_scale": Infinity}}'),
-            ("1e999", b'{"input": {"prompt": "a cat", "guidance_scale": 1e999}}'),
-            ("duplicate keys", b'{"input": {"prompt": "a cat", "prompt": ""}}'),
-            ("lone surrogate", b'{"input": {"prompt": "a \\ud800 cat"}}'),
-            ("invalid utf-8", b'{"input": {"prompt": "\xff\xfe cat"}}'),
-            ("utf-8 BOM", b"\xef\xbb\xbf" + valid),
-            ("nested 100 000 deep", b"[" * 100_000 + b"]" * 100_000),
-            ("nested input", b'{"input": {"prompt": {"prompt": {"prompt": "a"}}}}'),
-            ("truncated valid body", valid[: len(valid) // 2]),
-            ("single quotes", b"{'input': {'prompt': 'a cat'}}"),
-            ("comment", b'{"input": {"prompt": "a cat"} /* hi */}'),
-            ("3 MB prompt", json.dumps({"input": self.with_(prompt="a" * 3_000_000)}).encode()),
+            ("empty body", b"", "400"),
+            ("open brace", b"{", "400"),
+            ("not json", b"{not json", "400"),
+            ("array", b"[]", "422"),
+            ("null", b"null", "422"),
+            ("number", b"42", "422"),
+            ("string", b'"a cat"', "422"),
+            ("input null", b'{"input": null}', "422"),
+            ("input array", b'{"input": []}', "422"),
+            ("input string", b'{"input": "a cat"}', "422"),
+            ("no input", b"{}", "422"),
+            ("trailing comma", b'{"input": {"prompt": "a cat",}}', "400"),
+            ("NaN literal", b'{"input": {"prompt": "a cat", "guidance_scale": NaN}}', "400"),
+            ("Infinity literal", b'{"input": {"prompt": "a cat", "guidance_scale": Infinity}}', "400"),
+            ("1e999", b'{"input": {"prompt": "a cat", "guidance_scale": 1e999}}', "400"),
+            # of duplicate keys, the last one counts (as in Python's json and JavaScript)
+            ("duplicate keys", b'{"input": {"prompt": "a cat", "prompt": ""}}', self.expect({"prompt": ""})),
+            ("lone surrogate", b'{"input": {"prompt": "a \\ud800 cat"}}', "400"),
+            ("invalid utf-8", b'{"input": {"prompt": "\xff\xfe cat"}}', "400"),
+            ("utf-8 BOM", b"\xef\xbb\xbf" + valid, "400"),
+            ("nested 100 000 deep", b"[" * 100_000 + b"]" * 100_000, "422"),
+            ("nested input", b'{"input": {"prompt": {"prompt": {"prompt": "a"}}}}', "422"),
+            ("truncated valid body", valid[: len(valid) // 2], "400"),
+            ("single quotes", b"{'input': {'prompt': 'a cat'}}", "400"),
+            ("comment", b'{"input": {"prompt": "a cat"} /* hi */}', "400"),
+            ("3 MB prompt", json.dumps({"input": huge}).encode(), self.expect(huge)),
         ]
-        cases = [Case(f"body: {label}", body=body, headers=j) for label, body in raw]
+        cases = [Case(f"body: {label}", body=body, headers=j, expect=expect) for label, body, expect in raw]
+        valid_outcome = self.expect(self.base)  # the request fields coglet ignores or only logs leave it valid
         cases += [
-            Case("body: text/plain", body=valid, headers={"Content-Type": "text/plain"}),
-            Case("body: no content type", body=valid, headers={}),
-            Case("body: form encoded", body=b"prompt=a+cat", headers={"Content-Type": "application/x-www-form-urlencoded"}),
-            Case("body: bad webhook", body=json.dumps({"input": self.base, "webhook": "not a url"}).encode(), headers=j),
+            Case("body: text/plain", body=valid, headers={"Content-Type": "text/plain"}, expect="415"),
+            Case("body: no content type", body=valid, headers={}, expect="422"),  # read as no input at all
+            Case("body: form encoded", body=b"prompt=a+cat", headers={"Content-Type": "application/x-www-form-urlencoded"},
+                 expect="415"),
+            Case("body: bad webhook", body=json.dumps({"input": self.base, "webhook": "not a url"}).encode(), headers=j,
+                 expect=valid_outcome),
             Case("body: unreachable webhook",
-                 body=json.dumps({"input": self.base, "webhook": f"http://127.0.0.1:{self.closed}/hook"}).encode(), headers=j),
+                 body=json.dumps({"input": self.base, "webhook": f"http://127.0.0.1:{self.closed}/hook"}).encode(), headers=j,
+                 expect=valid_outcome),
             Case("body: bad webhook filter",
-                 body=json.dumps({"input": self.base, "webhook_events_filter": ["bogus"]}).encode(), headers=j),
-            Case("body: path-like id", body=json.dumps({"input": self.base, "id": "../../etc/passwd"}).encode(), headers=j),
-            Case("body: output_file_prefix", body=json.dumps({"input": self.base, "output_file_prefix": f"http://127.0.0.1:{self.closed}/"}).encode(), headers=j),
+                 body=json.dumps({"input": self.base, "webhook_events_filter": ["bogus"]}).encode(), headers=j,
+                 expect="422"),
+            Case("body: path-like id", body=json.dumps({"input": self.base, "id": "../../etc/passwd"}).encode(), headers=j,
+                 expect=valid_outcome),
+            Case("body: output_file_prefix", body=json.dumps({"input": self.base, "output_file_prefix": f"http://127.0.0.1:{self.closed}/"}).encode(), headers=j,
+                 expect=valid_outcome),
         ]
         return cases
 
@@ -405,7 +466,7 @@ class Generator:
             names = tuple(sorted({n for c in picked for n in c.names}))
             cases.append(Case(f"mix {i}: " + " + ".join(c.name for c in picked), inputs, names=names,
                               heavy=self.heavy(inputs)))
-        return cases
+        return self.expecting(cases)
 
     def heavy(self, inputs: dict) -> bool:
         """Whether a request, if valid, runs at more than a few 256x256 images' worth of pixels."""
@@ -417,6 +478,111 @@ class Generator:
             return False
         count = count if isinstance(count, int) and not isinstance(count, bool) and 0 < count < 5 else 1
         return width * height * count > 4 * 256 * 256
+
+    # -- the outcome each case must get --
+
+    def expecting(self, cases: list[Case]) -> list[Case]:
+        """`cases`, each request of inputs given the outcome it must get (see expect)."""
+        for case in cases:
+            if case.inputs is not None and not case.expect:
+                case.expect = self.expect(case.inputs, case.heavy)
+        return cases
+
+    def expect(self, inputs: dict, heavy: bool = False) -> str:
+        """The outcome `inputs` must get: 422 when coglet's schema validation refuses it; a failed prediction
+        naming a problem when it passes the schema but not flashsd's input rules (any of the problems it has: the
+        first one found is named); otherwise it succeeds, or a heavy one is cancelled (a native-size image on tiny
+        weights may also finish in the moment before the cancel lands)."""
+        if self.schema_violations(inputs):
+            return "422"
+        uploads = [self.uploads[inputs[name]] for name in self.file_inputs if isinstance(inputs.get(name), str)]
+        downloads = [u.problem for u in uploads if u.before_predict]
+        if downloads:  # coglet fails the request before predict() runs
+            return f"failed: {downloads[0]}"
+        problems = self.input_problems(inputs)
+        if problems:
+            return " | ".join(f"failed: {problem}" for problem in problems)
+        return "canceled | succeeded" if heavy else "succeeded"
+
+    @property
+    def file_inputs(self) -> list[str]:
+        return [name for name, prop in self.properties.items() if prop.get("format") == "uri"]
+
+    def schema_violations(self, inputs: dict) -> list[str]:
+        """What coglet refuses with a 422: a missing required field, or a value that does not match its field's
+        JSON schema (type, enum, minimum, maximum; `nullable` is an OpenAPI note JSON Schema does not apply, so
+        an explicit null is refused too). Unknown fields are ignored."""
+        found = [f"{name}: missing" for name in self.required if name not in inputs]
+        types = {
+            "string": lambda v: isinstance(v, str),
+            "boolean": lambda v: isinstance(v, bool),
+            "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            # JSON Schema: a number with no fractional part is an integer (2.0 passes, 1.5 does not)
+            "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+            or (isinstance(v, float) and v.is_integer()),
+        }
+        for name, value in inputs.items():
+            prop = self.properties.get(name)
+            if prop is None:
+                continue
+            if "type" in prop and not types.get(prop["type"], lambda _: True)(value):
+                found.append(f"{name}: not {prop['type']}")
+            elif "enum" in prop and value not in prop["enum"]:
+                found.append(f"{name}: not a choice")
+            elif "minimum" in prop and isinstance(value, (int, float)) and value < prop["minimum"]:
+                found.append(f"{name}: below minimum")
+            elif "maximum" in prop and isinstance(value, (int, float)) and value > prop["maximum"]:
+                found.append(f"{name}: above maximum")
+        return found
+
+    def input_problems(self, inputs: dict) -> list[str]:
+        """The problems flashsd's documented input rules find in inputs that passed the schema, each as a text its
+        error message contains (for flashsd's predict.py; fields it does not have are skipped)."""
+        from flashsd.models import MODELS
+        from flashsd.request import CUSTOM, MAX_PROMPT_CHARS, SIZE_MULTIPLE
+
+        defaults = {name: prop.get("default") for name, prop in self.properties.items()}
+        v = defaults | inputs
+        problems = []
+        prompt, negative = v.get("prompt"), v.get("negative_prompt") or ""
+        if isinstance(prompt, str) and not prompt.strip():
+            problems.append("prompt is empty")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+            if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+                problems.append(f"{name} is {len(text)} characters long")
+        image = self.uploads[v["image"]] if v.get("image") is not None else None  # every value sent is recorded
+        mask = self.uploads[v["mask"]] if v.get("mask") is not None else None
+        if mask is not None and image is None:
+            problems.append("mask was given without image")
+        if image is not None and MODELS[self.model].img2img_pipeline is None:
+            problems.append("supports text-to-image only")
+        for name, upload in (("image", image), ("mask", mask)):
+            if upload is not None and upload.problem:
+                problems.append(upload.problem.format(name=name))
+        if image is not None and mask is not None and image.size and mask.size:
+            if image.size != mask.size:
+                problems.append(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}")
+            elif not mask.white:  # the masks here are one colour: no crop can add or remove white
+                problems.append("mask has no white area")
+        if "aspect_ratio" in self.properties:
+            if v.get("aspect_ratio") == CUSTOM:
+                for side in ("width", "height"):
+                    value = v.get(side)
+                    if value is None:
+                        problems.append(f"{side} is required when aspect_ratio is '{CUSTOM}'")
+                    elif not isinstance(value, int):
+                        problems.append(f"{side} must be a whole number of pixels")
+                    elif value % SIZE_MULTIPLE:
+                        problems.append(f"{side}={value} is not allowed")
+            elif v.get("width") is not None or v.get("height") is not None:
+                problems.append(f"width and height are only used with aspect_ratio='{CUSTOM}'")
+        for name, prop in self.properties.items():  # an integral float passes the schema, not flashsd
+            if prop.get("type") == "integer" and name not in ("width", "height") and isinstance(v.get(name), float):
+                problems.append(f"{name} must be a whole number")
+        guidance = v.get("guidance_scale")
+        if negative.strip() and isinstance(guidance, (int, float)) and guidance <= 1:
+            problems.append("negative_prompt only has an effect when guidance_scale is above 1")
+        return problems
 
     def cases(self, mixtures: int = 200) -> list[Case]:
         pool = self.field_cases() + self.prompt_cases() + self.cross_cases()
@@ -445,6 +611,8 @@ class Outcome:
     health_s: float
     first_health: str | None  # /health-check at once after the response (BUSY for a moment is coglet's normal)
     problems: list[str]
+    expected: str = ""  # the outcomes it had to get (Case.expected, joined by " | ")
+    as_expected: bool = True
 
 
 @dataclass
@@ -463,6 +631,14 @@ class Report:
         return found
 
     @property
+    def mismatches(self) -> list[str]:
+        """Each case that did not get the outcome it must get: the case, what it had to get, what it got."""
+        return [
+            f"{o.case}: expected {o.expected}, got {o.kind}{': ' + o.message[:300] if o.message else ''}"
+            for o in self.outcomes if not o.as_expected
+        ]
+
+    @property
     def worker_deaths(self) -> int:
         return int(self.worker_pid_after != self.worker_pid_before or not self.server_alive)
 
@@ -475,6 +651,7 @@ class Report:
             "requests": len(self.outcomes),
             "by_kind": self.by_kind(),
             "problems": len(self.problems),
+            "mismatches": len(self.mismatches),
             "worker_deaths": self.worker_deaths,
             "seconds": round(self.seconds, 1),
             "slowest": f"{slowest.case} ({slowest.seconds:.1f} s)" if slowest else None,
@@ -589,7 +766,11 @@ def run_cases(
         health, health_s = wait_ready(server)
         if health != "READY":
             problems.append(f"/health-check says {health} {health_s:.0f} s after the response")
-        outcome = Outcome(case.name, response.status_code, kind, message, seconds, health, health_s, first_health, problems)
+        expected = case.expected(full)
+        outcome = Outcome(
+            case.name, response.status_code, kind, message, seconds, health, health_s, first_health, problems,
+            expected=" | ".join(expected), as_expected=meets(expected, kind, message),
+        )
         report.outcomes.append(outcome)
         if progress:
             progress(i, outcome)
@@ -635,11 +816,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(server.logs()[-3000:], file=sys.stderr)
                 return 1
             schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
-            cases = Generator(schema, args.seed).cases(args.mixtures)
+            cases = Generator(schema, args.seed, model=args.model).cases(args.mixtures)
             rss_before = rss_mb(worker_pid(server))
 
             def progress(i: int, o: Outcome) -> None:
-                flag = " PROBLEM" if o.problems else ""
+                flag = (" PROBLEM" if o.problems else "") + ("" if o.as_expected else f" MISMATCH (expected {o.expected})")
                 print(f"[{i + 1}/{len(cases)}] {o.kind:>9} {o.seconds:6.2f}s  {o.case[:90]}{flag}", flush=True)
 
             report = run_cases(server, cases, full=args.full, progress=progress)
@@ -652,12 +833,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         for problem in report.problems:
             print("PROBLEM", problem)
+        for mismatch in report.mismatches:
+            print("MISMATCH", mismatch)
         if missing_logs:
             print("no truncation warning logged for:", missing_logs)
         if args.json:
             args.json.write_text(json.dumps({"summary": summary, "outcomes": [o.__dict__ for o in report.outcomes]},
                                             indent=1, ensure_ascii=False, default=str))
-        return 1 if report.problems or missing_logs else 0
+        return 1 if report.problems or report.mismatches or missing_logs else 0
 
 
 if __name__ == "__main__":

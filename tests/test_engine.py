@@ -8,7 +8,8 @@ from diffusers import (
 )
 from peft import PeftModel
 
-from flashsd.engine import Engine, Runtime
+from flashsd.engine import Engine
+from flashsd.runtime import Runtime
 from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.schedulers import FlashFlowMatchEulerDiscreteScheduler
@@ -77,8 +78,8 @@ def run_card(pipe, key, seeds, **call):
     extra = {"use_resolution_binning": False, "clean_caption": False} if key == "pixart" else {}
     arguments = dict(
         prompt="a lighthouse at dawn", width=128, height=96, num_inference_steps=4, guidance_scale=0.0,
-        num_images_per_prompt=len(seeds), generator=generators, **extra, **call,
-    )
+        num_images_per_prompt=len(seeds), generator=generators, **extra,
+    ) | call
     if key == "sd3":
         with pipe.scheduler.noise_generators(generators):
             return pipe(**arguments).images
@@ -142,6 +143,18 @@ def test_guidance_above_one_uses_the_negative_prompt(engines):
     plain = engine.generate(request("sdxl", guidance_scale=3))[0].image
     negative = engine.generate(request("sdxl", guidance_scale=3, negative_prompt="fog"))[0].image
     assert max_difference(plain, negative) > 0
+
+
+@pytest.mark.parametrize("key", ALL)
+def test_guidance_with_a_negative_prompt_equals_the_model_cards_recipe_within_one_level(engines, tiny_weights, key):
+    ours = engines(key).generate(request(key, num_outputs=2, guidance_scale=3, negative_prompt="fog"))
+    card = card_pipeline(key, tiny_weights)
+    reference = run_card(card, key, [1234, 1235], guidance_scale=3, negative_prompt="fog")
+    without_negative = run_card(card, key, [1234], guidance_scale=3)[0]
+    assert max_difference(reference[0], without_negative) > 1  # the negative prompt matters to the recipe
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert mine.image.size == (128, 96)
+        assert max_difference(mine.image, theirs) <= 1
 
 
 def test_sizes_are_honoured_as_asked(engines):

@@ -169,6 +169,20 @@ def test_another_ratio_centre_crops_the_image_and_the_mask_alike(tmp_path):
     assert np.asarray(request.mask).min() == 255
 
 
+def test_mask_pixels_from_128_up_are_repainted_and_below_128_kept(tmp_path):
+    """The mask is binarised at half grey as diffusers does (0.5 of 255): 127 keeps, 128 repaints."""
+    levels = [0, 1, 127, 128, 129, 254, 255, 128]
+    mask = Image.fromarray(np.repeat(np.array(levels, dtype=np.uint8), 8)[None, :].repeat(64, axis=0), mode="L")
+    request = req(
+        image=save(photo(64, 64), tmp_path / "in.png"), mask=save(mask, tmp_path / "m.png"),
+        aspect_ratio="custom", width=64, height=64,
+    )  # the output's size: no resampling, every pixel keeps its level
+    binary = np.asarray(request.mask)
+    assert binary.shape == (64, 64)
+    for band, level in enumerate(levels):
+        assert set(np.unique(binary[:, 8 * band: 8 * band + 8])) == {255 if level >= 128 else 0}, level
+
+
 # --- decoding and conversion ----------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from safetensors import safe_open
 
-from flashsd.engine import Engine, Runtime
+from flashsd.engine import Engine
+from flashsd.runtime import Runtime
 from flashsd.images import write_outputs
 from flashsd.models import MODELS, SAFETY_CHECKER
 from flashsd.request import build_request
@@ -31,24 +32,38 @@ def request(**inputs):
 
 
 @contextlib.contextmanager
-def thresholds(checker: SafetyChecker, concept: float | torch.Tensor):
-    """Forces flags through the checker's own thresholds (the real code path, other numbers)."""
-    weights = checker.model.concept_embeds_weights
-    saved = weights.detach().clone()
-    with torch.no_grad():
-        weights.copy_(torch.as_tensor(concept, dtype=weights.dtype).expand_as(weights))
+def thresholds(checker: SafetyChecker, concept: float | torch.Tensor, special: float | torch.Tensor | None = None):
+    """Forces flags through the checker's own thresholds (the real code path, other numbers): every concept's
+    threshold, and the special-care concepts' too when `special` is given."""
+    settings = [(checker.model.concept_embeds_weights, concept)]
+    if special is not None:
+        settings.append((checker.model.special_care_embeds_weights, special))
+    saved = [weights.detach().clone() for weights, _ in settings]
     try:
+        with torch.no_grad():
+            for weights, value in settings:
+                weights.copy_(torch.as_tensor(value, dtype=weights.dtype).expand_as(weights))
         yield
     finally:
         with torch.no_grad():
-            weights.copy_(saved)
+            for (weights, _), before in zip(settings, saved):
+                weights.copy_(before)
 
 
-def max_concept_similarity(checker: SafetyChecker, images) -> list[float]:
+def max_similarity(checker: SafetyChecker, images, embeddings: str = "concept_embeds") -> list[float]:
+    """Each image's highest cosine similarity to the checker's concept (or special-care) embeddings."""
     with torch.no_grad():
         pixels = checker.processor(images=images, return_tensors="pt").pixel_values
         embeds = checker.model.visual_projection(checker.model.vision_model(pixels)[1])
-        return cosine_distance(embeds, checker.model.concept_embeds).max(dim=1).values.tolist()
+        return cosine_distance(embeds, getattr(checker.model, embeddings)).max(dim=1).values.tolist()
+
+
+def max_concept_similarity(checker: SafetyChecker, images) -> list[float]:
+    return max_similarity(checker, images, "concept_embeds")
+
+
+def noise_images(count: int) -> list[Image.Image]:
+    return [Image.fromarray(np.random.RandomState(i).randint(0, 256, (48, 64, 3), dtype=np.uint8)) for i in range(count)]
 
 
 def test_every_model_fetches_the_checker_as_safetensors_into_the_sd15_folder():
@@ -72,7 +87,7 @@ def test_the_tiny_checker_has_the_real_layout_and_loads_once_with_the_engine(eng
 
 def test_flags_follow_diffusers_rule(engine):
     checker = engine.safety_checker
-    images = [Image.fromarray(np.random.RandomState(i).randint(0, 256, (48, 64, 3), dtype=np.uint8)) for i in range(6)]
+    images = noise_images(6)
     similarity = sorted(max_concept_similarity(checker, images))
     pixels = checker.processor(images=images, return_tensors="pt").pixel_values
     for concept in (-1.0, similarity[2] + 1e-3, 2.0):
@@ -80,6 +95,51 @@ def test_flags_follow_diffusers_rule(engine):
             _, reference = checker.model(pixels, np.zeros((6, 1, 1, 3)))
             assert checker.flags(images) == list(reference)
     assert checker.flags(images) == [False] * 6  # the tiny checker's own thresholds never flag
+
+
+def test_special_care_raises_concept_scores_as_diffusers_does(engine):
+    """An image close to a special-care concept gets every concept score raised by 0.01: with a concept threshold
+    just above an image's similarity (inside that 0.01), the image is flagged exactly when it needs special care.
+    diffusers' own StableDiffusionSafetyChecker.forward is the reference, for every image."""
+    checker = engine.safety_checker
+    images = noise_images(8)
+    pixels = checker.processor(images=images, return_tensors="pt").pixel_values
+    special, concept = max_similarity(checker, images, "special_care_embeds"), max_concept_similarity(checker, images)
+    ranked = sorted(special)
+    special_threshold = (ranked[3] + ranked[4]) / 2  # half the images need special care, with a margin
+    needs_care = [s > special_threshold for s in special]
+    assert any(needs_care) and not all(needs_care)
+    for i in range(len(images)):
+        concept_threshold = concept[i] + 0.004  # image i: 0.004 short of a concept, unless raised by 0.01
+        with thresholds(checker, concept_threshold, special_threshold):
+            _, reference = checker.model(pixels, np.zeros((len(images), 1, 1, 3)))
+            assert reference[i] == needs_care[i], i  # the reference itself: the band decides image i
+            assert checker.flags(images) == list(reference), i
+        with thresholds(checker, concept_threshold, 2.0):  # no special care: image i is not flagged
+            _, reference = checker.model(pixels, np.zeros((len(images), 1, 1, 3)))
+            assert reference[i] is False and checker.flags(images) == list(reference), i
+
+
+def test_a_flag_leaves_out_the_image_it_was_raised_for(engine, monkeypatch, caplog):
+    """Flags that are not symmetric in the batch: the flagged seeds are the ones left out, whatever their place."""
+    for count, flagged_seeds in [(3, {10}), (4, {10, 11}), (4, {13})]:
+        unchecked = engine.generate(request(num_outputs=count, disable_safety_checker=True))
+        by_seed = {g.seed: np.asarray(g.image) for g in unchecked}
+        assert len({a.tobytes() for a in by_seed.values()}) == count  # every image tells its seed
+
+        def flags(images):  # flags by content: the images the flagged seeds produce
+            return [any(np.array_equal(np.asarray(image), by_seed[s]) for s in flagged_seeds) for image in images]
+
+        monkeypatch.setattr(engine.safety_checker, "flags", flags)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            kept = engine.generate(request(num_outputs=count))
+        monkeypatch.undo()
+        assert [g.seed for g in kept] == [10 + i for i in range(count) if 10 + i not in flagged_seeds]
+        for item in kept:
+            assert np.array_equal(np.asarray(item.image), by_seed[item.seed])
+        seeds = ", ".join(map(str, sorted(flagged_seeds)))
+        assert f"{len(flagged_seeds)} of {count} image(s) flagged as potentially NSFW and left out (seeds {seeds})" in caplog.text
 
 
 def test_flagged_images_are_left_out_counted_and_the_rest_keep_their_seeds(engine, caplog, tmp_path):

@@ -192,6 +192,7 @@ def inductor_cache(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ALL)
 def test_compiled_mode_captures_whole_regions_and_keeps_the_images(tiny_weights, tmp_path, inductor_cache, key):
     """Dynamo only (backend "eager": no code generation, seconds on a CPU): every region traces as one
@@ -218,6 +219,7 @@ def test_compiled_mode_captures_whole_regions_and_keeps_the_images(tiny_weights,
         assert max_difference(a.image, b.image) <= 1
 
 
+@pytest.mark.slow
 def test_a_failed_compile_falls_back_to_eager(tiny_weights, tmp_path, inductor_cache, monkeypatch):
     engine = Engine.load(MODELS["sdxl"], tiny_weights, CPU32)
     eager = engine.generate(request("sdxl"))[0].image
@@ -236,6 +238,7 @@ def test_a_failed_compile_falls_back_to_eager(tiny_weights, tmp_path, inductor_c
     assert max_difference(engine.generate(request("sdxl"))[0].image, eager) == 0
 
 
+@pytest.mark.slow
 def test_inductor_compile_and_its_cache_beside_the_weights(tiny_weights, tmp_path, inductor_cache):
     """The real compiler (inductor, C++ code generation: ~1 min on 2 cores) and a restart reusing its cache."""
     engine = Engine.load(MODELS["sd15"], tiny_weights, CPU32)
@@ -253,6 +256,7 @@ def test_inductor_compile_and_its_cache_beside_the_weights(tiny_weights, tmp_pat
 # --- the benchmarks still run (structure only, no timing) ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_pipeline_sections_run_on_tiny_weights(tiny_weights):
     from bench import pipeline
 
