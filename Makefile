@@ -6,12 +6,13 @@ PROMPT ?= a photo of an astronaut riding a horse on the moon
 MODEL ?= $(or $(FLASHSD_MODEL),sdxl)
 export FLASHSD_MODEL := $(MODEL)
 
-.PHONY: setup test predict demo serve schema weights bench
+.PHONY: setup test test-quick lint format predict demo serve schema weights bench
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .  # flashsd, testkit, bench importable from anywhere
 	touch $@
 
 setup: $(VENV)/.installed
@@ -19,11 +20,22 @@ setup: $(VENV)/.installed
 test: setup  ## the whole test suite (CPU, no network)
 	$(BIN)/python -m pytest
 
+test-quick: setup  ## the suite without the slow tier (compiled mode, benchmark code): for development
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup  ## ruff: lint and format check (CI runs it)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup  ## ruff: fix what can be fixed and format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 predict: setup  ## one prediction with the real weights (fetched on first use) into outputs/
 	$(BIN)/python -m flashsd predict -i prompt="$(PROMPT)" $(if $(INPUTS),$(foreach i,$(INPUTS),-i $(i)))
 
 demo: setup  ## the same prediction on tiny random weights: shows the whole path on any laptop, offline
-	$(BIN)/python -m tests.tiny_repos weights-tiny
+	$(BIN)/python -m testkit.tiny_repos weights-tiny
 	FLASHSD_WEIGHTS=weights-tiny $(BIN)/python -m flashsd predict -i prompt="$(PROMPT)" -i aspect_ratio=custom -i width=256 -i height=256 --output-dir outputs/demo
 
 schema: setup  ## regenerate .cog/openapi_schema.json from predict.py
@@ -36,4 +48,4 @@ weights: setup  ## fetch the weights of MODEL into weights/
 	$(BIN)/python scripts/download-weights --model $(MODEL)
 
 bench: setup  ## benchmarks: prints a table and writes bench/results/*.json
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run

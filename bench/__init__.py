@@ -1,1 +1,1 @@
-"""flashsd's benchmarks: `python bench/run.py` (or `make bench`); see bench/run.py."""
+"""flashsd's benchmarks: `python -m bench.run` (or `make bench`); see bench/run.py."""

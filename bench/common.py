@@ -5,15 +5,11 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 PROJECT = Path(__file__).resolve().parent.parent
-if str(PROJECT) not in sys.path:  # `python bench/run.py` from anywhere
-    sys.path.insert(0, str(PROJECT))
-
 
 def synchronize() -> None:
     """Wait for queued GPU work, so wall-clock time covers it (a no-op on the CPU)."""

@@ -1,19 +1,13 @@
 """Output encoding: time per megapixel and file size for webp, jpg and png, the WebP method × quality
 and PNG compress_level grids the defaults in flashsd/images.py were chosen from, and parallel encoding.
 
-    python bench/encode.py            # the grid alone (bench/run.py --sections encode runs it too)
+    python -m bench.encode            # the grid alone (bench/run.py --sections encode runs it too)
 """
 from __future__ import annotations
 
 import io
-import sys
 import tempfile
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: import the project, not bench/'s own folder
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402

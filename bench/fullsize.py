@@ -1,26 +1,18 @@
 """Random weights at Stable Diffusion 1.5's real sizes (UNet 860 M, CLIP-L text encoder, SD VAE, a rank-64
 Flash-style LoRA), in the real repo layout, so setup time and memory can be measured against a realistic
-weights-on-disk figure without the hub (`bench/run.py --weights sd15-size`; ~2 GB on disk, built once).
+weights-on-disk figure without the hub (`python -m bench.run --weights sd15-size`; ~2 GB on disk, built once).
 
-Everything but these three components and the LoRA comes from tests/tiny_repos.py (tokenizer, scheduler,
+Everything but these three components and the LoRA comes from testkit/tiny_repos.py (tokenizer, scheduler,
 model_index.json, the safety checker and any other file the model table lists), so the folder always
 matches flashsd.models; it is rebuilt when the table lists files it lacks.
 """
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not bench/'s own folder
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
-
 import torch  # noqa: E402
-
-import bench.common  # noqa: E402,F401  (puts the project on sys.path)
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

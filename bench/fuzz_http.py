@@ -18,9 +18,9 @@ inputs, from the schema as coglet applies it (a violation is a 422) and then fro
 (`Generator.input_problems`: each problem a text the error must contain); for raw bodies, written out by hand. A
 request that gets any other outcome is a mismatch (`Report.mismatches`), even when that outcome is itself clean.
 
-    python bench/fuzz_http.py                      # tiny random weights (built in a temp dir), all cases
-    python bench/fuzz_http.py --mixtures 2000 --full  # more random mixtures; heavy cases run to completion
-    python bench/fuzz_http.py --model sd15 --weights weights/ --json fuzz.json
+    python -m bench.fuzz_http                      # tiny random weights (built in a temp dir), all cases
+    python -m bench.fuzz_http --mixtures 2000 --full  # more random mixtures; heavy cases run to completion
+    python -m bench.fuzz_http --model sd15 --weights weights/ --json fuzz.json
 
 tests/test_robustness_http.py runs the same generator (at least 500 requests) in the test suite; heavy cases
 (native-size aspect ratios, 4 images at 2048x2048) are cancelled there once running, and run to completion
@@ -45,12 +45,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROJECT = Path(__file__).resolve().parent.parent
-if str(PROJECT) not in sys.path:
-    sys.path.insert(0, str(PROJECT))
-
 import requests  # noqa: E402
 
-from tests.cog_server import CogServer, free_port  # noqa: E402
+from testkit.cog_server import CogServer, free_port  # noqa: E402
 
 # -- the server and its worker process ---------------------------------------------------------------------------
 
@@ -790,7 +787,7 @@ def run_cases(
 
 
 def build_weights(folder: Path, key: str) -> Path:
-    from tests.tiny_repos import build_tiny_weights
+    from testkit.tiny_repos import build_tiny_weights
 
     return build_tiny_weights(folder, (key,))
 

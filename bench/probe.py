@@ -1,7 +1,7 @@
 """Measurements that need a fresh process, run by bench/run.py as subprocesses; prints one JSON object.
 
-    python bench/probe.py setup   --model sdxl --weights DIR
-    python bench/probe.py compile --model sdxl --weights DIR --cache DIR --sizes 1024x1024,... --repeats 3
+    python -m bench.probe setup   --model sdxl --weights DIR
+    python -m bench.probe compile --model sdxl --weights DIR --cache DIR --sizes 1024x1024,... --repeats 3
 """
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: import the project, not bench/'s own folder
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
 
 
 def rss_bytes() -> int:

@@ -3,12 +3,12 @@
 Measurements are interleaved and medians reported; prints tables and writes
 bench/results/<time>-<device>.json.
 
-    python bench/run.py                                   # every section that applies to this machine
-    python bench/run.py --sections encode,lora            # some sections
-    python bench/run.py --model sd15 --size 512           # the single-model sections on another model
-    python bench/run.py --weights tiny                    # tiny random-weight repos even if real ones exist
-    python bench/run.py --sections compile --models sd15  # compiled mode (on a CPU: opt-in, ~2 min a model)
-    python bench/run.py --sections setup --model sd15 --models sd15 --weights sd15-size   # setup at real size
+    python -m bench.run                                   # every section that applies to this machine
+    python -m bench.run --sections encode,lora            # some sections
+    python -m bench.run --model sd15 --size 512           # the single-model sections on another model
+    python -m bench.run --weights tiny                    # tiny random-weight repos even if real ones exist
+    python -m bench.run --sections compile --models sd15  # compiled mode (on a CPU: opt-in, ~2 min a model)
+    python -m bench.run --sections setup --model sd15 --models sd15 --weights sd15-size   # setup at real size
 
 Weights: real ones (FLASHSD_WEIGHTS or weights/) where complete for a model, else tiny random-weight repos
 built into a temporary folder; the JSON says which. On tiny weights the model-dependent figures measure
@@ -29,11 +29,6 @@ import time
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not bench/'s own folder
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
-
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
@@ -46,7 +41,7 @@ RESULTS = common.PROJECT / "bench" / "results"
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="default",
                         help=f"comma-separated from {', '.join(SECTIONS)}; 'all'; default: all on a GPU, all but "
                              "layout and compile on a CPU")
@@ -89,7 +84,7 @@ def _gib(n: float) -> str:
 def _probe(what: str, *arguments: str, timeout: float = 1800) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     done = subprocess.run(
-        [sys.executable, str(common.PROJECT / "bench" / "probe.py"), what, *arguments],
+        [sys.executable, "-m", "bench.probe", what, *arguments],
         cwd=common.PROJECT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     for line in done.stdout.splitlines():
@@ -296,7 +291,7 @@ def main(argv=None) -> int:
     facts = {**common.machine(), "torch_threads": torch.get_num_threads()}
     bench = Bench(args)
     started = dt.datetime.now(dt.timezone.utc)
-    command = " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
     print(f"flashsd benchmarks on {facts.get('gpu') or facts['cpu']} ({facts['cpu_cores']} cores), torch "
           f"{facts['torch']}, {bench.runtime.device} {str(bench.runtime.dtype).removeprefix('torch.')}; "
           f"sections: {', '.join(args.sections)}\n", flush=True)

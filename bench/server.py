@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.common import ms, table
 
 from flashsd.models import FlashModel
-from tests.cog_server import CogServer
+from testkit.cog_server import CogServer
 
 
 def run(model: FlashModel, root: Path, size: int, repeats: int, in_process_ms: float | None = None) -> dict:

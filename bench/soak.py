@@ -8,8 +8,8 @@ after the run (sampled along the way, with the growth per 100 predictions from a
 that requests sent while a prediction runs get coglet's 409 and the running prediction's images are exactly
 those it gives alone.
 
-    python bench/soak.py                    # 300 predictions on tiny random weights (SDXL layout)
-    python bench/soak.py --predictions 1000 --model sd15 --json soak.json
+    python -m bench.soak                    # 300 predictions on tiny random weights (SDXL layout)
+    python -m bench.soak --predictions 1000 --model sd15 --json soak.json
 
 tests/test_robustness_http.py runs a shorter soak in the test suite with the same measurements and bounds.
 """
@@ -26,15 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-if str(PROJECT) not in sys.path:
-    sys.path.insert(0, str(PROJECT))
-
 import requests  # noqa: E402
 
 from bench.fuzz_http import (  # noqa: E402
     build_weights, files_under, open_fds, rss_mb, server_root, tiny_png, wait_ready, worker_pid,
 )
-from tests.cog_server import CogServer  # noqa: E402
+from testkit.cog_server import CogServer  # noqa: E402
 
 # What the README promises for a soak, after a warm-up of WARM_UP predictions.
 RSS_GROWTH_BOUND_MB = 150  # worker RSS, after - before (allocator caches and lazily built state settle early)

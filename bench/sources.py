@@ -1,5 +1,5 @@
 """Which weights a benchmark runs on: the real ones where they are complete, else tiny random-weight
-repos built into a temporary folder (tests/tiny_repos.py), so every section also runs offline."""
+repos built into a temporary folder (testkit/tiny_repos.py), so every section also runs offline."""
 from __future__ import annotations
 
 import atexit
@@ -8,7 +8,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import bench.common  # noqa: F401  (puts the project on sys.path)
 from flashsd.models import MODELS, FlashModel
 from flashsd.weights import default_root, missing_files, repo_dir
 
@@ -50,7 +49,7 @@ def weights_for(model: FlashModel, choice: str) -> Weights:
         root = default_root()
         if root.is_dir() and not missing_files(model, root):
             return Weights(root, "real")
-    from tests.tiny_repos import build_tiny_weights
+    from testkit.tiny_repos import build_tiny_weights
 
     return Weights(build_tiny_weights(tiny_root(), (model.key,)), "tiny")
 

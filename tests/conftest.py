@@ -1,14 +1,9 @@
 """Shared fixtures."""
-import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
-if str(PROJECT) not in sys.path:  # `pytest` as well as `python -m pytest`
-    sys.path.insert(0, str(PROJECT))
-
-from tests.tiny_repos import build_tiny_weights  # noqa: E402
+from testkit.tiny_repos import build_tiny_weights
 
 
 @pytest.fixture(scope="session")

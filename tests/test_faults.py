@@ -35,7 +35,7 @@ from flashsd.models import MODELS
 from flashsd.request import MAX_PROMPT_CHARS, build_request
 from flashsd.download import download
 from flashsd.weights import repo_dir, safetensors_problem
-from tests.fake_hub import FakeHub, _Handler, closed_port
+from testkit.fake_hub import FakeHub, _Handler, closed_port
 from tests.test_weights import (  # noqa: F401 - fixtures
     ADAPTER_FILES, ADAPTER_REV, BASE_REV, Log, base_files, big, hf_env, tiny_model,
 )

@@ -2,7 +2,7 @@
 import pytest
 import requests
 
-from tests.cog_server import decode_data_url, tiny_server
+from testkit.cog_server import decode_data_url, tiny_server
 
 SMALL = {"aspect_ratio": "custom", "width": 64, "height": 64}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.cog_server import decode_data_url, tiny_server
+from testkit.cog_server import decode_data_url, tiny_server
 
 
 def data_url(image: Image.Image) -> str:

@@ -3,7 +3,7 @@ import re
 import subprocess
 import sys
 
-from tests.cog_server import PROJECT_ROOT
+from testkit.cog_server import PROJECT_ROOT
 
 README = (PROJECT_ROOT / "README.md").read_text()
 

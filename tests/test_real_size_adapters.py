@@ -1,5 +1,5 @@
-"""The Flash adapters in their real files' formats: the tiny fixtures (tests/tiny_repos.py) and real-size sparse
-files (tests/real_size.py) against the real denoisers' configs, attached with the plain diffusers / peft loaders.
+"""The Flash adapters in their real files' formats: the tiny fixtures (testkit/tiny_repos.py) and real-size sparse
+files (testkit/real_size.py) against the real denoisers' configs, attached with the plain diffusers / peft loaders.
 
 Figures from /work/shared/REFERENCE.md §1b: layer counts 560 (SDXL), 128 (SD1.5), 222 (SD3), 293 (PixArt, wrapper
 naming); flash-sdxl's file is 371,758,976 bytes and flash-sd3's 350,646,280; flash-sd ~102 MB and flash-pixart
@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from flashsd.models import MODELS
-from tests import real_size
-from tests.real_size import (
+from testkit import real_size
+from testkit.real_size import (
     file_layers,
     meta_denoiser,
     meta_state_dict,
@@ -32,7 +32,7 @@ from tests.real_size import (
     write_real_size_adapter,
 )
 from tests.test_tiny_repos import load_pipeline
-from tests.tiny_repos import (
+from testkit.tiny_repos import (
     FLASH_LORA_RANK,
     FLASH_PEFT_TARGETS,
     PIXART_DIFFUSERS_ONLY_LAYERS,
@@ -238,7 +238,7 @@ def test_pixart_adapter_naming_is_chosen_and_rebuilt_as_asked(tiny_weights, pixa
 
 # --- the real configs ------------------------------------------------------------------------------------
 
-# sha256 and size of the hub's own files (tests/real_configs/SOURCES.md).
+# sha256 and size of the hub's own files (testkit/real_configs/SOURCES.md).
 HUB_CONFIG_FILES = {
     "sdxl": (1680, "30ebc70750223e59006f7f2b4e1e6c102570aa19a9c4ae3e1fbe7591332dbae6"),
     "sd15": (743, "78f474de6bab3d893868f37be97b636ae65c0df3073ed3256ca458ff599b5f96"),
@@ -410,7 +410,6 @@ def test_the_product_check_passes_every_layer_of_the_real_size_files(real_files,
     from flashsd.adapter import AdapterError, check_fit, read_lora_layers
 
     path = real_files(key, naming)
-    path = path / weights_name(key) if path.is_dir() else path
     layers, _ = REAL_FILES[key, naming]
     foreign = MODELS[key].adapter_foreign_layers
     fit = check_fit(read_lora_layers(path), meta_denoiser(key), foreign=foreign)

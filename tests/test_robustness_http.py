@@ -7,7 +7,7 @@ between denoising steps, requests beyond capacity (409), a soak with memory / op
 (bench/soak.py), an out-of-memory error inside the worker (tests/oom_predictor.py), setup failures from bad
 weights, and a full download-and-predict run checked for the Hugging Face token.
 
-The servers run tiny random-weight models (tests/tiny_repos.py) from a private working directory whose OpenAPI
+The servers run tiny random-weight models (testkit/tiny_repos.py) from a private working directory whose OpenAPI
 schema is generated from predict.py when the module starts.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ from bench.fuzz_http import (
 from bench.soak import beyond_capacity, soak
 from flashsd.models import MODELS
 from flashsd.weights import repo_dir
-from tests.cog_server import CogServer
-from tests.fake_hub import FakeHub, closed_port
+from testkit.cog_server import CogServer
+from testkit.fake_hub import FakeHub, closed_port
 from tests.test_faults import adapter_file, copy_model, denoiser_file, truncate
 
 FUZZ_REQUESTS = 500

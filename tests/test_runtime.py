@@ -9,7 +9,7 @@ import yaml
 from flashsd import runtime
 from flashsd.errors import DeviceError
 from flashsd.runtime import Runtime, select_runtime
-from tests.cog_server import PROJECT_ROOT
+from testkit.cog_server import PROJECT_ROOT
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 CUDA16 = Runtime(torch.device("cuda"), torch.float16)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from flashsd import request
-from tests.cog_server import PROJECT_ROOT
+from testkit.cog_server import PROJECT_ROOT
 
 SCHEMA = PROJECT_ROOT / ".cog" / "openapi_schema.json"
 

@@ -1,4 +1,4 @@
-"""tests/tiny_repos.py: the tiny repos have the real layout and load and run with plain diffusers / peft."""
+"""testkit/tiny_repos.py: the tiny repos have the real layout and load and run with plain diffusers / peft."""
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +17,8 @@ from safetensors import safe_open
 from transformers import CLIPTokenizer, T5Tokenizer
 
 from flashsd.models import MODELS
-from tests.real_size import file_layers
-from tests.tiny_repos import build_repo_files, build_tiny_weights, files_under, listed_for
+from testkit.real_size import file_layers
+from testkit.tiny_repos import build_repo_files, build_tiny_weights, files_under, listed_for
 
 KEYS = list(MODELS)
 PROMPT = "A lighthouse at dawn, Zebra-crossing 3pm! 東京の夜景 émigré 🚀"  # words outside the corpus, non-Latin

@@ -1,4 +1,4 @@
-"""flashsd.weights and scripts/download-weights against a fake hub on 127.0.0.1 (tests/fake_hub.py).
+"""flashsd.weights and scripts/download-weights against a fake hub on 127.0.0.1 (testkit/fake_hub.py).
 
 No test reaches the real hub: HF_ENDPOINT points at the fake one, HF_HOME at a temporary folder.
 """
@@ -21,7 +21,7 @@ from flashsd.errors import WeightsError
 from flashsd.models import MODELS, FlashModel, HubRepo
 from flashsd.download import HubUnreachable, download, ensure_weights
 from flashsd.weights import default_root, missing_files, repo_dir
-from tests.fake_hub import FakeHub, closed_port
+from testkit.fake_hub import FakeHub, closed_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "scripts" / "download-weights"

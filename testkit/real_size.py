@@ -1,13 +1,13 @@
 """Real-size Flash adapters without their weights.
 
-The four real denoisers are built from their committed configs (tests/real_configs/, sources in SOURCES.md there)
+The four real denoisers are built from their committed configs (testkit/real_configs/, sources in SOURCES.md there)
 on the meta device: every module at its real shape, no memory. From them the adapter files are written with the
 real files' exact key set, shapes, dtype (fp32) and metadata, as *sparse* safetensors files: a valid header, then
 the data region left as a hole (`truncate` to the full size), so a 372 MB file takes no disk and no time.
 The loaders under test read the header (real keys and shapes) and attach meta tensors built from it.
 
 The key sets follow the rules that made the real files (gojasper/flash-diffusion's training scripts, see
-tests/tiny_repos.py "the Flash adapters"): peft's suffix matching of the training LoraConfig's target names over
+testkit/tiny_repos.py "the Flash adapters"): peft's suffix matching of the training LoraConfig's target names over
 the trainer's model — diffusers' UNet for SDXL / SD1.5 (saved with old diffusers keys), diffusers' SD3
 transformer, and for PixArt Jasper's wrapper (diffusers' PixArt with its own AdaLN) or, as the alternative,
 diffusers' PixArt itself.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from flashsd.models import MODELS
-from tests.tiny_repos import (
+from testkit.tiny_repos import (
     ADAPTER_NAMINGS,
     FLASH_LORA_RANK,
     FLASH_PEFT_ALPHA,

@@ -14,7 +14,7 @@ alpha=8, 12 target names), PixArt's layers named after Jasper's training wrapper
 (`adapter_naming="diffusers"` or write_pixart_adapter give the diffusers-named variant). Every LoRA layer is
 randomised (a fresh LoRA is a no-op).
 
-    python -m tests.tiny_repos DIR [MODEL ...]      # builds the given models (default: all) under DIR
+    python -m testkit.tiny_repos DIR [MODEL ...]      # builds the given models (default: all) under DIR
 """
 from __future__ import annotations
 
