@@ -39,3 +39,35 @@ def test_the_product_imports_no_private_module_of_huggingface_hub_or_cog():
                 if parts[0] in ("huggingface_hub", "cog", "coglet") and any(p.startswith("_") for p in parts[1:]):
                     private.append(f"{path.name}: {name}")
     assert len(product) > 20 and private == []
+
+
+def test_every_third_party_module_the_product_imports_is_pinned():
+    """A module imported but not pinned (httpx2 was) arrives at whatever version another package drags in."""
+    import importlib.metadata
+    import re
+
+    pinned = {
+        re.split(r"[=<>!~ ]", line)[0].lower().replace("_", "-")
+        for line in (PROJECT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    pinned |= {"cog", "coglet"}  # the image's SDK: cog.yaml's build.sdk_version, requirements-dev.txt locally
+    distributions = importlib.metadata.packages_distributions()
+    product = [*sorted((PROJECT / "flashsd").glob("*.py")), PROJECT / "predict.py", *sorted((PROJECT / "scripts").iterdir())]
+    unpinned = set()
+    for path in product:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("flashsd", "predict"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                if not dists & pinned:
+                    unpinned.add(f"{path.name}: {top}")
+    assert unpinned == set()
