@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark sections: timing with medians, machine facts, tables."""
+
 from __future__ import annotations
 
 import gc
@@ -6,10 +7,11 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PROJECT = Path(__file__).resolve().parent.parent
+
 
 def synchronize() -> None:
     """Wait for queued GPU work, so wall-clock time covers it (a no-op on the CPU)."""
@@ -119,4 +121,6 @@ def table(rows: list[tuple], headers: tuple[str, ...]) -> str:
     cells = [tuple(str(c) for c in headers)] + [tuple("" if c is None else str(c) for c in row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
+    )

@@ -3,6 +3,7 @@ and PNG compress_level grids the defaults in flashsd/images.py were chosen from,
 
     python -m bench.encode            # the grid alone (bench/run.py --sections encode runs it too)
 """
+
 from __future__ import annotations
 
 import io
@@ -71,8 +72,13 @@ def psnr(image: Image.Image, encoded: io.BytesIO) -> float:
 def _row(image: Image.Image, timing: tuple[float, float], fmt: str, **options) -> dict:
     encoded = _save(image, fmt, **options)
     megapixels = image.width * image.height / 1e6
-    return {**options, "ms_per_mp": ms(timing[0] / megapixels), "cpu_ms_per_mp": ms(timing[1] / megapixels),
-            "kib": round(encoded.tell() / 1024, 1), "psnr_db": psnr(image, encoded)}
+    return {
+        **options,
+        "ms_per_mp": ms(timing[0] / megapixels),
+        "cpu_ms_per_mp": ms(timing[1] / megapixels),
+        "kib": round(encoded.tell() / 1024, 1),
+        "psnr_db": psnr(image, encoded),
+    }
 
 
 def grid(image: Image.Image, repeats: int = 3) -> dict:
@@ -96,25 +102,40 @@ def defaults(image: Image.Image, repeats: int = 7) -> dict:
 
     parameters = "a prompt\nSteps: 4, Sampler: LCM, CFG scale: 0, Seed: 1, Size: 1024x1024, Model: Flash SDXL"
     megapixels = image.width * image.height / 1e6
-    out: dict = {"image": f"{image.width}x{image.height} synthetic photo", "quality": DEFAULT_QUALITY,
-                 "webp_method": images.WEBP_METHOD, "png_compress_level": images.PNG_COMPRESS_LEVEL, "formats": {}}
+    out: dict = {
+        "image": f"{image.width}x{image.height} synthetic photo",
+        "quality": DEFAULT_QUALITY,
+        "webp_method": images.WEBP_METHOD,
+        "png_compress_level": images.PNG_COMPRESS_LEVEL,
+        "formats": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        cases = {fmt: (lambda fmt=fmt: images.encode_image(image, folder / f"x.{fmt}", fmt, DEFAULT_QUALITY, parameters))
-                 for fmt in images.PIL_FORMATS}
+        cases = {
+            fmt: (lambda fmt=fmt: images.encode_image(image, folder / f"x.{fmt}", fmt, DEFAULT_QUALITY, parameters))
+            for fmt in images.PIL_FORMATS
+        }
         times = wall_and_cpu_medians(cases, repeats)
         for fmt in images.PIL_FORMATS:
-            out["formats"][fmt] = {"ms_per_mp": ms(times[fmt][0] / megapixels),
-                                   "cpu_ms_per_mp": ms(times[fmt][1] / megapixels),
-                                   "kib": round((folder / f"x.{fmt}").stat().st_size / 1024, 1)}
+            out["formats"][fmt] = {
+                "ms_per_mp": ms(times[fmt][0] / megapixels),
+                "cpu_ms_per_mp": ms(times[fmt][1] / megapixels),
+                "kib": round((folder / f"x.{fmt}").stat().st_size / 1024, 1),
+            }
         batch = [photo_like(image.width, seed) for seed in range(4)]
         jobs = [(im, folder / f"b{i}.webp", "webp", DEFAULT_QUALITY, parameters) for i, im in enumerate(batch)]
-        parallel = medians({
-            "serial": lambda: [images.encode_image(*job) for job in jobs],
-            "parallel": lambda: images.encode_images(jobs),
-        }, repeats=max(3, repeats // 2))
-    out["four_webp"] = {"serial_ms": ms(parallel["serial"]), "parallel_ms": ms(parallel["parallel"]),
-                        "speedup": round(parallel["serial"] / parallel["parallel"], 2)}
+        parallel = medians(
+            {
+                "serial": lambda: [images.encode_image(*job) for job in jobs],
+                "parallel": lambda: images.encode_images(jobs),
+            },
+            repeats=max(3, repeats // 2),
+        )
+    out["four_webp"] = {
+        "serial_ms": ms(parallel["serial"]),
+        "parallel_ms": ms(parallel["parallel"]),
+        "speedup": round(parallel["serial"] / parallel["parallel"], 2),
+    }
     return out
 
 
@@ -127,22 +148,37 @@ def run(repeats: int = 7, with_grid: bool = True) -> dict:
 
 
 def report(result: dict) -> str:
-    lines = [f"Encoding ({result['image']}, quality {result['quality']}, webp method {result['webp_method']}, "
-             f"png compress_level {result['png_compress_level']}; wall / CPU ms per megapixel)"]
-    lines.append(table([(fmt, v["ms_per_mp"], v["cpu_ms_per_mp"], v["kib"]) for fmt, v in result["formats"].items()],
-                       ("format", "ms/MP", "CPU ms/MP", "KiB")))
+    lines = [
+        f"Encoding ({result['image']}, quality {result['quality']}, webp method {result['webp_method']}, "
+        f"png compress_level {result['png_compress_level']}; wall / CPU ms per megapixel)"
+    ]
+    lines.append(
+        table(
+            [(fmt, v["ms_per_mp"], v["cpu_ms_per_mp"], v["kib"]) for fmt, v in result["formats"].items()],
+            ("format", "ms/MP", "CPU ms/MP", "KiB"),
+        )
+    )
     p = result["four_webp"]
-    lines.append(f"4 webp images: one after another {p['serial_ms']} ms, encode_images {p['parallel_ms']} ms "
-                 f"({p['speedup']}x)")
+    lines.append(
+        f"4 webp images: one after another {p['serial_ms']} ms, encode_images {p['parallel_ms']} ms ({p['speedup']}x)"
+    )
     if "grid" in result:
         by = {(r["method"], r["quality"]): r for r in result["grid"]["webp"]}
         cell = lambda r: f"{r['ms_per_mp']} / {r['cpu_ms_per_mp']} ms, {r['kib']} KiB, {r['psnr_db']} dB"  # noqa: E731
         lines.append("WebP method x quality (wall / CPU ms per MP, size, PSNR)")
-        lines.append(table([(m, *[cell(by[m, q]) for q in QUALITIES]) for m in WEBP_METHODS],
-                           ("method", *[f"q{q}" for q in QUALITIES])))
+        lines.append(
+            table(
+                [(m, *[cell(by[m, q]) for q in QUALITIES]) for m in WEBP_METHODS],
+                ("method", *[f"q{q}" for q in QUALITIES]),
+            )
+        )
         lines.append("PNG compress_level")
-        lines.append(table([(r["compress_level"], r["ms_per_mp"], r["cpu_ms_per_mp"], r["kib"])
-                            for r in result["grid"]["png"]], ("level", "ms/MP", "CPU ms/MP", "KiB")))
+        lines.append(
+            table(
+                [(r["compress_level"], r["ms_per_mp"], r["cpu_ms_per_mp"], r["kib"]) for r in result["grid"]["png"]],
+                ("level", "ms/MP", "CPU ms/MP", "KiB"),
+            )
+        )
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ Everything but these three components and the LoRA comes from testkit/tiny_repos
 model_index.json, the safety checker and any other file the model table lists), so the folder always
 matches flashsd.models; it is rebuilt when the table lists files it lacks.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -41,10 +42,8 @@ def build(root: Path | None = None) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from flashsd.models import MODELS
-    from flashsd.weights import repo_dir
+    from flashsd.weights import missing_files, repo_dir
     from tests import tiny_repos
-
-    from flashsd.weights import missing_files
 
     root = Path(root or default_root())
     model = MODELS["sd15"]

@@ -5,6 +5,7 @@ The model is a random-weight UNet2DConditionModel big enough that compute domina
 SD1.5-shaped UNet on a GPU; a narrower one on a CPU, so the section stays within seconds), with a random
 rank-64 LoRA on the same layers the Flash LoRAs cover.
 """
+
 from __future__ import annotations
 
 import copy

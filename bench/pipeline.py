@@ -1,5 +1,6 @@
 """Benchmarks of the loaded pipeline: predict() against the diffusers call it wraps, denoiser evaluations
 against the base recipe, per-stage times, images/s, and the channels_last question."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,6 @@ from types import SimpleNamespace
 import torch
 
 from bench.common import medians, ms, synchronize, table, timed
-
 from flashsd.engine import Engine
 from flashsd.images import write_outputs
 from flashsd.models import FlashModel
@@ -132,8 +132,19 @@ def predict_overhead(predictor, size: int, repeats: int, batches=(1, 4)) -> dict
 
 
 def report_predict(result: dict) -> str:
-    rows = [(n, r["diffusers_ms"], r["predict_ms"], r["ratio"], r["overhead_ms"], r["overhead_alone_ms"],
-             r["of_which_encode_ms"], r["ratio_from_overhead_alone"]) for n, r in result["by_num_outputs"].items()]
+    rows = [
+        (
+            n,
+            r["diffusers_ms"],
+            r["predict_ms"],
+            r["ratio"],
+            r["overhead_ms"],
+            r["overhead_alone_ms"],
+            r["of_which_encode_ms"],
+            r["ratio_from_overhead_alone"],
+        )
+        for n, r in result["by_num_outputs"].items()
+    ]
     return "\n".join([
         f"predict() against the diffusers call it wraps ({result['size']}, {result['format']}; target ratio <= 1.03)",
         table(rows, ("images", "diffusers ms", "predict() ms", "ratio", "difference ms", "overhead alone ms",
@@ -210,8 +221,10 @@ def denoiser_evaluations(engine: Engine, root: Path, size: int, repeats: int) ->
 
 
 def report_evaluations(result: dict) -> str:
-    rows = [(name, r["recipe"], r["calls"], r["rows_per_image"], r["ms_per_image"])
-            for name, r in (("Flash", result["flash"]), ("base", result["base"]))]
+    rows = [
+        (name, r["recipe"], r["calls"], r["rows_per_image"], r["ms_per_image"])
+        for name, r in (("Flash", result["flash"]), ("base", result["base"]))
+    ]
     return "\n".join([
         f"Denoiser evaluations per image ({result['size']})",
         table(rows, ("recipe", "settings", "denoiser calls", "evaluations / image", "ms / image")),
@@ -330,8 +343,12 @@ def report_stages(results: dict) -> str:
         names += [n for n in result["ms"] if n not in names]
     rows = [(n, *[r["ms"].get(n) for r in results.values()]) for n in names]
     if any("syncs_per_prediction" in r for r in results.values()):
-        rows.append(("GPU syncs per prediction / per step", *[f"{r['syncs_per_prediction']} / {r['syncs_per_step']:g}"
-                                                               for r in results.values()]))
+        rows.append(
+            (
+                "GPU syncs per prediction / per step",
+                *[f"{r['syncs_per_prediction']} / {r['syncs_per_step']:g}" for r in results.values()],
+            )
+        )
     size = next(iter(results.values()))["size"]
     return "\n".join([f"Per-stage times, one image at {size} (ms)", table(rows, ("stage", *results))])
 
@@ -342,15 +359,22 @@ def report_stages(results: dict) -> str:
 def throughput(engine: Engine, size: int, repeats: int, batches=(1, 4)) -> dict:
     requests = {n: request_for(engine.model, size, n) for n in batches}
     times = medians({n: (lambda r=r: engine.generate(r)) for n, r in requests.items()}, repeats)
-    return {"size": f"{size}x{size}", "images_per_s": {n: round(n / t, 3) for n, t in times.items()},
-            "ms_per_call": {n: ms(t) for n, t in times.items()}}
+    return {
+        "size": f"{size}x{size}",
+        "images_per_s": {n: round(n / t, 3) for n, t in times.items()},
+        "ms_per_call": {n: ms(t) for n, t in times.items()},
+    }
 
 
 def report_throughput(results: dict) -> str:
     rows = [(key, n, r["ms_per_call"][n], ips) for key, r in results.items() for n, ips in r["images_per_s"].items()]
     size = next(iter(results.values()))["size"]
-    return "\n".join([f"Images/s at {size}, eager (generation without encoding; compiled: the compile section)",
-                      table(rows, ("model", "batch", "ms/call", "images/s"))])
+    return "\n".join(
+        [
+            f"Images/s at {size}, eager (generation without encoding; compiled: the compile section)",
+            table(rows, ("model", "batch", "ms/call", "images/s")),
+        ]
+    )
 
 
 # --- channels_last (eager) -------------------------------------------------------------------------------
@@ -366,10 +390,13 @@ def layout(engine: Engine, size: int, repeats: int) -> dict:
     def grab(name):
         def hook(module, args, kwargs):
             captured.setdefault(name, (args, kwargs))
+
         return hook
 
-    handles = [denoiser.register_forward_pre_hook(grab("denoiser"), with_kwargs=True),
-               pipe.vae.decoder.register_forward_pre_hook(grab("decoder"), with_kwargs=True)]
+    handles = [
+        denoiser.register_forward_pre_hook(grab("denoiser"), with_kwargs=True),
+        pipe.vae.decoder.register_forward_pre_hook(grab("decoder"), with_kwargs=True),
+    ]
     try:
         engine.generate(request_for(model, size, 1))
     finally:
@@ -396,7 +423,15 @@ def layout(engine: Engine, size: int, repeats: int) -> dict:
 
 
 def report_layout(results: dict) -> str:
-    rows = [(key, part, r[part]["nchw_ms"], r[part]["channels_last_ms"], r[part]["ratio"])
-            for key, r in results.items() for part in ("denoiser", "vae_decoder") if part in r]
-    return "\n".join(["Eager memory layout (channels_last / NCHW below 1: channels_last is faster)",
-                      table(rows, ("model", "module", "NCHW ms", "channels_last ms", "ratio"))])
+    rows = [
+        (key, part, r[part]["nchw_ms"], r[part]["channels_last_ms"], r[part]["ratio"])
+        for key, r in results.items()
+        for part in ("denoiser", "vae_decoder")
+        if part in r
+    ]
+    return "\n".join(
+        [
+            "Eager memory layout (channels_last / NCHW below 1: channels_last is faster)",
+            table(rows, ("model", "module", "NCHW ms", "channels_last ms", "ratio")),
+        ]
+    )

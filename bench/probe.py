@@ -1,8 +1,9 @@
 """Measurements that need a fresh process, run by bench/run.py as subprocesses; prints one JSON object.
 
-    python -m bench.probe setup   --model sdxl --weights DIR
-    python -m bench.probe compile --model sdxl --weights DIR --cache DIR --sizes 1024x1024,... --repeats 3
+python -m bench.probe setup   --model sdxl --weights DIR
+python -m bench.probe compile --model sdxl --weights DIR --cache DIR --sizes 1024x1024,... --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse

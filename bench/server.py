@@ -1,5 +1,6 @@
 """HTTP round trip through the real Cog server (coglet, as the container runs it) against the time the
 prediction itself took, read from the same response (`metrics.predict_time`)."""
+
 from __future__ import annotations
 
 import statistics
@@ -8,7 +9,6 @@ import time
 from pathlib import Path
 
 from bench.common import ms, table
-
 from flashsd.models import FlashModel
 from testkit.cog_server import CogServer
 
@@ -53,9 +53,11 @@ def run(model: FlashModel, root: Path, size: int, repeats: int, in_process_ms: f
 
 
 def report(result: dict) -> str:
-    rows = [("round trip (POST /predictions)", result["round_trip_ms"]),
-            ("predict_time reported by the server", result["server_predict_time_ms"]),
-            ("HTTP + serialisation overhead", result["overhead_ms"])]
+    rows = [
+        ("round trip (POST /predictions)", result["round_trip_ms"]),
+        ("predict_time reported by the server", result["server_predict_time_ms"]),
+        ("HTTP + serialisation overhead", result["overhead_ms"]),
+    ]
     if "in_process_predict_ms" in result:
         rows.append(("predict() called in-process", result["in_process_predict_ms"]))
     return "\n".join([

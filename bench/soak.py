@@ -13,6 +13,7 @@ those it gives alone.
 
 tests/test_robustness_http.py runs a shorter soak in the test suite with the same measurements and bounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,14 @@ PROJECT = Path(__file__).resolve().parent.parent
 import requests  # noqa: E402
 
 from bench.fuzz_http import (  # noqa: E402
-    build_weights, files_under, open_fds, rss_mb, server_root, tiny_png, wait_ready, worker_pid,
+    build_weights,
+    files_under,
+    open_fds,
+    rss_mb,
+    server_root,
+    tiny_png,
+    wait_ready,
+    worker_pid,
 )
 from testkit.cog_server import CogServer  # noqa: E402
 
@@ -60,8 +68,13 @@ def threads(pid: int) -> int:
 def sample(server: CogServer, done: int, temp: Path) -> Sample:
     worker = worker_pid(server)
     return Sample(
-        done, round(rss_mb(worker), 1), round(rss_mb(server.process.pid), 1), open_fds(worker),
-        open_fds(server.process.pid), threads(worker), len(files_under(temp)),
+        done,
+        round(rss_mb(worker), 1),
+        round(rss_mb(server.process.pid), 1),
+        open_fds(worker),
+        open_fds(server.process.pid),
+        threads(worker),
+        len(files_under(temp)),
     )
 
 
@@ -109,7 +122,9 @@ class SoakResult:
         if self.after.worker_threads > self.before.worker_threads + 2:
             found.append(f"worker threads {self.before.worker_threads} -> {self.after.worker_threads}")
         if self.after.temp_files > self.before.temp_files + 2:
-            found.append(f"temporary files {self.before.temp_files} -> {self.after.temp_files}: {self.leftover_files[:5]}")
+            found.append(
+                f"temporary files {self.before.temp_files} -> {self.after.temp_files}: {self.leftover_files[:5]}"
+            )
         if self.worker_replaced:
             found.append("the worker process was replaced")
         return found
@@ -126,7 +141,11 @@ def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_
     started = time.monotonic()
     for i in range(predictions):
         response = server.predict(inputs_for(i))
-        status = response.json().get("status", f"http {response.status_code}") if response.ok else f"http {response.status_code}"
+        status = (
+            response.json().get("status", f"http {response.status_code}")
+            if response.ok
+            else f"http {response.status_code}"
+        )
         statuses[status] = statuses.get(status, 0) + 1
         if (i + 1) % every == 0 or i + 1 == predictions:
             wait_ready(server)
@@ -138,10 +157,17 @@ def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / max(1e-9, sum((x - mean_x) ** 2 for x in xs))
     return SoakResult(
-        predictions=predictions, statuses=statuses, seconds=round(seconds, 1),
-        per_prediction_ms=round(1000 * seconds / predictions, 1), before=before, after=after, samples=samples,
-        rss_growth_mb=round(after.worker_rss_mb - before.worker_rss_mb, 1), rss_slope_mb_per_100=round(100 * slope, 2),
-        leftover_files=[str(p.relative_to(temp)) for p in files_under(temp)], worker_replaced=worker_pid(server) != pid,
+        predictions=predictions,
+        statuses=statuses,
+        seconds=round(seconds, 1),
+        per_prediction_ms=round(1000 * seconds / predictions, 1),
+        before=before,
+        after=after,
+        samples=samples,
+        rss_growth_mb=round(after.worker_rss_mb - before.worker_rss_mb, 1),
+        rss_slope_mb_per_100=round(100 * slope, 2),
+        leftover_files=[str(p.relative_to(temp)) for p in files_under(temp)],
+        worker_replaced=worker_pid(server) != pid,
     )
 
 
@@ -158,15 +184,24 @@ class BusyResult:
 
 def beyond_capacity(server: CogServer, extra: int = 8, inputs: dict | None = None) -> BusyResult:
     """One slow prediction; `extra` concurrent ones while it runs; then the slow one again, alone."""
-    inputs = inputs or {"prompt": "a lighthouse at dawn", "aspect_ratio": "custom", "width": 512, "height": 512,
-                        "num_outputs": 2, "seed": 42, "disable_safety_checker": True}
+    inputs = inputs or {
+        "prompt": "a lighthouse at dawn",
+        "aspect_ratio": "custom",
+        "width": 512,
+        "height": 512,
+        "num_outputs": 2,
+        "seed": 42,
+        "disable_safety_checker": True,
+    }
     wait_ready(server)
     log_start = len(server.logs())
     holder: dict = {}
 
     def run_slow() -> None:
         t = time.monotonic()
-        holder["r"] = requests.put(f"{server.url}/predictions/soak-slow-{time.monotonic_ns()}", json={"input": inputs}, timeout=600)
+        holder["r"] = requests.put(
+            f"{server.url}/predictions/soak-slow-{time.monotonic_ns()}", json={"input": inputs}, timeout=600
+        )
         holder["s"] = time.monotonic() - t
 
     thread = threading.Thread(target=run_slow)
@@ -185,7 +220,8 @@ def beyond_capacity(server: CogServer, extra: int = 8, inputs: dict | None = Non
     slow = holder["r"].json()
     alone = server.predict(inputs).json()
     return BusyResult(
-        extra_requests=extra, extra_statuses=statuses,
+        extra_requests=extra,
+        extra_statuses=statuses,
         extra_messages=sorted({r.text[:120] for r in responses}),
         running_status=slow.get("status"),
         overlapped=still_running,
@@ -215,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             busy = beyond_capacity(server)
     summary = {"model": args.model, "soak": asdict(result), "beyond_capacity": asdict(busy)}
     for s in summary["soak"].pop("samples"):
-        print(f"  after {s['done']:4d}: worker RSS {s['worker_rss_mb']:7.1f} MB, coglet RSS {s['server_rss_mb']:5.1f} MB, "
-              f"fds {s['worker_fds']}/{s['server_fds']}, threads {s['worker_threads']}, temp files {s['temp_files']}")
+        print(
+            f"  after {s['done']:4d}: worker RSS {s['worker_rss_mb']:7.1f} MB, coglet RSS {s['server_rss_mb']:5.1f} MB, "
+            f"fds {s['worker_fds']}/{s['server_fds']}, threads {s['worker_threads']}, temp files {s['temp_files']}"
+        )
     print(json.dumps(summary, indent=2))
     problems = result.problems()
     if busy.extra_statuses != {409: busy.extra_requests}:
@@ -224,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if not busy.overlapped:
         problems.append("the slow prediction ended before the extra requests were answered: make it slower")
     if busy.running_status != "succeeded" or not busy.running_equal_to_alone:
-        problems.append(f"the running prediction was affected: {busy.running_status}, equal: {busy.running_equal_to_alone}")
+        problems.append(
+            f"the running prediction was affected: {busy.running_status}, equal: {busy.running_equal_to_alone}"
+        )
     for p in problems:
         print("PROBLEM", p)
     if args.json:

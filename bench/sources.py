@@ -1,5 +1,6 @@
 """Which weights a benchmark runs on: the real ones where they are complete, else tiny random-weight
 repos built into a temporary folder (testkit/tiny_repos.py), so every section also runs offline."""
+
 from __future__ import annotations
 
 import atexit

@@ -1,8 +1,9 @@
 """The local command line: the same engine as the Cog predictor, without Docker.
 
-    python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
-    python -m flashsd sizes
+python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
+python -m flashsd sizes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashsd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("predict", help="generate images and write them to --output-dir")
-    run.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
-                     help="a predictor input, as with `cog predict -i` (repeatable)")
+    run.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a predictor input, as with `cog predict -i` (repeatable)",
+    )
     run.add_argument("--model", choices=list(MODELS), help="default: FLASHSD_MODEL or sdxl")
     run.add_argument("--weights", help="weights root (default: FLASHSD_WEIGHTS or weights/)")
     run.add_argument("--output-dir", default="outputs")

@@ -18,8 +18,9 @@ import asyncio
 import collections
 import contextvars
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 log = logging.getLogger("flashsd")
 

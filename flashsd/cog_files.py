@@ -16,8 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 log = logging.getLogger("flashsd")
 
@@ -65,7 +65,6 @@ def sweep_input_copies(keep: Iterable[object] = ()) -> int:
     if removed:
         log.info("Removed %d input file(s) left by earlier rejected requests", removed)
     return removed
-
 
 
 class OutputFolders:

@@ -27,9 +27,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import WeightsError
 from .hub_errors import HubContext, HubUnreachable, Retryable, cannot_write, redact, status_of, token_source, translate
@@ -81,7 +82,6 @@ class DownloadReport:
         return not self.fetched
 
 
-
 # -- ensure (what setup() calls) ---------------------------------------------------------------------------------
 
 
@@ -110,7 +110,7 @@ class _Plan:
     dest: Path
     report: RepoReport
     todo: list[str]  # files to transfer, in list order
-    metas: dict[str, "HfFileMetadata"]
+    metas: dict[str, HfFileMetadata]
 
 
 def download(
@@ -229,10 +229,15 @@ class VerifiedRecord:
     def etag(self, f: str) -> str | None:
         return self._current(f).get("etag")
 
-    def verified(self, f: str, meta: "HfFileMetadata") -> None:
+    def verified(self, f: str, meta: HfFileMetadata) -> None:
         """Record that `f` now has what the hub announces in `meta` (written at once: a killed run keeps it)."""
         st = (self.dest / f).stat()
-        self.entries[f] = {"commit": meta.commit_hash, "etag": meta.etag, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        self.entries[f] = {
+            "commit": meta.commit_hash,
+            "etag": meta.etag,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
@@ -262,7 +267,7 @@ def _fetch_repo(plan: _Plan, ctx: HubContext, log: Log) -> None:
 
 
 def _fetch_file(
-    repo: HubRepo, f: str, dest: Path, meta: "HfFileMetadata", ctx: HubContext, log: Log, report: RepoReport
+    repo: HubRepo, f: str, dest: Path, meta: HfFileMetadata, ctx: HubContext, log: Log, report: RepoReport
 ) -> None:
     from huggingface_hub import hf_hub_download
 
@@ -309,7 +314,7 @@ def _fetch_file(
     )
 
 
-def _head(repo: HubRepo, f: str, ctx: HubContext) -> "HfFileMetadata":
+def _head(repo: HubRepo, f: str, ctx: HubContext) -> HfFileMetadata:
     """What the hub announces for one file: size, etag (sha256 for LFS files), commit. Fails fast."""
     import httpx2
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -344,14 +349,14 @@ def _head(repo: HubRepo, f: str, ctx: HubContext) -> "HfFileMetadata":
 # -- checks ------------------------------------------------------------------------------------------------------
 
 
-def _size_problem(path: Path, meta: "HfFileMetadata") -> str | None:
+def _size_problem(path: Path, meta: HfFileMetadata) -> str | None:
     size = path.stat().st_size
     if meta.size is not None and size != meta.size:
         return f"{size} bytes, the hub says {meta.size}"
     return None
 
 
-def _content_problem(path: Path, meta: "HfFileMetadata") -> str | None:
+def _content_problem(path: Path, meta: HfFileMetadata) -> str | None:
     """None when `path` has the size and hash the hub announced, else what differs."""
     if not path.is_file():
         return "file missing after the transfer"
@@ -386,7 +391,7 @@ def _git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _feed(h: "hashlib._Hash", path: Path) -> None:
+def _feed(h: hashlib._Hash, path: Path) -> None:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:

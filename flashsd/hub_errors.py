@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from .errors import WeightsError
@@ -36,7 +36,6 @@ class HubUnreachable(WeightsError):
         super().__init__(message)
         self.endpoint = endpoint
         self.reason = reason
-
 
 
 class Retryable(WeightsError):
@@ -97,13 +96,10 @@ def translate(exc: BaseException, repo: HubRepo, f: str, ctx: HubContext, dest: 
         )
     elif find(HfHubHTTPError):
         if status in (401, 403):
-            msg = (
-                f"The hub at {ctx.endpoint} refused {where} (HTTP {status}). "
-                + (
-                    "The token in use was rejected: set HF_TOKEN to a valid read token."
-                    if ctx.token
-                    else "Set HF_TOKEN to a token that can read it."
-                )
+            msg = f"The hub at {ctx.endpoint} refused {where} (HTTP {status}). " + (
+                "The token in use was rejected: set HF_TOKEN to a valid read token."
+                if ctx.token
+                else "Set HF_TOKEN to a token that can read it."
             )
         elif status == 404:
             msg = (
@@ -194,4 +190,3 @@ def token_source(token: str) -> str:
 
 def redact(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
-

@@ -2,6 +2,7 @@
 black: keep). Decoded once, turned upright by their EXIF orientation, converted to RGB (the image) or one
 channel (the mask), and fitted to the output size. Every problem a person can fix is an InputError.
 """
+
 from __future__ import annotations
 
 import os

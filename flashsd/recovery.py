@@ -13,9 +13,10 @@ import contextlib
 import gc
 import logging
 import traceback
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .request import GenerationRequest
 
 log = logging.getLogger("flashsd")
+
 
 class OutOfMemory(InputError):
     """The request needs more memory than the device has free: the message says what to lower."""
@@ -49,7 +51,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MARKERS)
 
 
-def out_of_memory_message(request: "GenerationRequest", device: torch.device) -> str:
+def out_of_memory_message(request: GenerationRequest, device: torch.device) -> str:
     memory = "GPU memory" if device.type == "cuda" else "memory"
     megapixels = request.width * request.height / 1e6
     lower = []
@@ -60,7 +62,9 @@ def out_of_memory_message(request: "GenerationRequest", device: torch.device) ->
         "aspect_ratio, or smaller width and height with aspect_ratio 'custom')"
     )
     if request.guidance_scale > 1:
-        lower.append(f"guidance_scale to 1 or less (it is {request.guidance_scale:g}; above 1 each image is computed twice)")
+        lower.append(
+            f"guidance_scale to 1 or less (it is {request.guidance_scale:g}; above 1 each image is computed twice)"
+        )
     return (
         f"Out of {memory} generating {request.num_outputs} image(s) at {request.width}x{request.height}: lower "
         f"{'; or '.join(lower)}, then try again. The memory was freed; the next prediction runs normally."
@@ -134,13 +138,13 @@ class PredictionGuard:
         self,
         modules: Mapping[str, torch.nn.Module],
         schedulers: Iterable[object],
-        request: "GenerationRequest",
+        request: GenerationRequest,
         device: torch.device,
     ):
         self.modules, self.schedulers = modules, list(schedulers)
         self.request, self.device = request, device
 
-    def __enter__(self) -> "PredictionGuard":
+    def __enter__(self) -> PredictionGuard:
         self._shot = snapshot(self.modules)
         return self
 
@@ -169,7 +173,6 @@ class PredictionGuard:
             return False  # the original exception (or cancellation) propagates unchanged
         log.warning("%s; memory freed, the worker carries on", cause)
         raise OutOfMemory(out_of_memory_message(self.request, self.device)) from None
-
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

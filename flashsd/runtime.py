@@ -1,19 +1,20 @@
 """Where and in what precision the pipeline runs, chosen once at setup from FLASHSD_DEVICE.
 
-  auto  (the default, when unset: tests, `make demo`, `make serve`) CUDA in fp16 when torch can use it,
-        else the CPU in fp32
-  cuda  CUDA in fp16, or a DeviceError saying why not: cog.yaml sets it, so the container never falls back to
-        the CPU without a word (with a driver too old for torch's CUDA, torch only warns and reports no GPU)
-  cpu   the CPU in fp32, even with a GPU
+auto  (the default, when unset: tests, `make demo`, `make serve`) CUDA in fp16 when torch can use it,
+      else the CPU in fp32
+cuda  CUDA in fp16, or a DeviceError saying why not: cog.yaml sets it, so the container never falls back to
+      the CPU without a word (with a driver too old for torch's CUDA, torch only warns and reports no GPU)
+cpu   the CPU in fp32, even with a GPU
 """
+
 from __future__ import annotations
 
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -73,7 +74,7 @@ def _cuda_available() -> tuple[bool, str | None]:
         return available, None
     version = int(found.group(1))
     cuda = f"{version // 1000}.{version % 1000 // 10}"
-    return available, f"an NVIDIA driver that supports CUDA up to {cuda} (torch: \"found version {version}\")"
+    return available, f'an NVIDIA driver that supports CUDA up to {cuda} (torch: "found version {version}")'
 
 
 def driver_found(driver_warning: str | None = None) -> str:
@@ -84,7 +85,9 @@ def driver_found(driver_warning: str | None = None) -> str:
         text = DRIVER_VERSION_FILE.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "no NVIDIA driver found"
-    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text) or re.search(r"\b(\d{3}\.\d+(?:\.\d+)?)\b", text)
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text) or re.search(
+        r"\b(\d{3}\.\d+(?:\.\d+)?)\b", text
+    )
     if match:
         return f"NVIDIA driver {match.group(1)} ({DRIVER_VERSION_FILE})"
     first_line = text.strip().splitlines()[0] if text.strip() else "empty"
@@ -104,11 +107,12 @@ def _no_cuda_message(driver_warning: str | None) -> str:
             f"requirements.txt pin, built for CUDA 13.0), or set {DEVICE_VARIABLE}=cpu (or auto) to run on the CPU."
         )
     needed = MIN_DRIVER.get(cuda)
-    needs = (f"NVIDIA driver {needed} or newer" if needed
-             else "the NVIDIA driver NVIDIA's CUDA release notes list for it")
+    needs = (
+        f"NVIDIA driver {needed} or newer" if needed else "the NVIDIA driver NVIDIA's CUDA release notes list for it"
+    )
     return head + (
         f"built for CUDA {cuda}, which needs {needs}; found here: {found}. "
         f"Run the container on a host with {needs} and give it the GPU (`cog run`/`cog serve` do; "
-        "`docker run --gpus all`), or rebuild the image for an older CUDA version (README: \"GPU driver\"). "
+        '`docker run --gpus all`), or rebuild the image for an older CUDA version (README: "GPU driver"). '
         f"To run on the CPU anyway (slow), set {DEVICE_VARIABLE}=cpu."
     )

@@ -7,10 +7,11 @@ prediction fails only when every image is flagged (ImagesFlagged), and no placeh
 Weights: `safety_checker/` and `feature_extractor/` of the SD1.5 repo (the CompVis checker as safetensors; the
 CompVis repo itself ships only a pickle), loaded once, on the pipeline's device and in its dtype (fp16 on CUDA).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -44,7 +45,7 @@ class SafetyChecker:
         self.dtype = dtype
 
     @classmethod
-    def load(cls, root: Path | str, repo: HubRepo, device: torch.device, dtype: torch.dtype) -> "SafetyChecker":
+    def load(cls, root: Path | str, repo: HubRepo, device: torch.device, dtype: torch.dtype) -> SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessorPil
 

@@ -14,7 +14,7 @@ single-image run with the same seed.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -124,9 +124,7 @@ class FlashFlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
         T = self.config.num_train_timesteps
         if sigmas is not None:
             if num_inference_steps is not None and num_inference_steps != len(sigmas):
-                raise ValueError(
-                    f"got num_inference_steps={num_inference_steps} and {len(sigmas)} custom sigmas"
-                )
+                raise ValueError(f"got num_inference_steps={num_inference_steps} and {len(sigmas)} custom sigmas")
             s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
         else:
             if num_inference_steps is None or num_inference_steps < 1:
@@ -207,14 +205,12 @@ class FlashFlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
             return randn_tensor(sample.shape, device=sample.device, dtype=torch.float32)
         if isinstance(generators, torch.Generator):
             # One generator for the whole batch, drawn at once as diffusers' randn_tensor does.
-            return torch.randn(
-                sample.shape, generator=generators, device=generators.device, dtype=torch.float32
-            ).to(sample.device)
+            return torch.randn(sample.shape, generator=generators, device=generators.device, dtype=torch.float32).to(
+                sample.device
+            )
         generators = list(generators)
         if len(generators) != sample.shape[0]:
-            raise ValueError(
-                f"got {len(generators)} generators for a batch of {sample.shape[0]}; pass one per image"
-            )
+            raise ValueError(f"got {len(generators)} generators for a batch of {sample.shape[0]}; pass one per image")
         # Image i draws only from generator i, so its noise does not depend on the batch it is in.
         per_image = [
             torch.randn(sample.shape[1:], generator=g, device=g.device, dtype=torch.float32).to(sample.device)
@@ -238,9 +234,7 @@ class FlashFlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
         `noise_generators` block, else from the global RNG. The last step returns x̂0 and draws nothing,
         so a generator's stream after a run does not depend on whether noise was wasted there.
         """
-        if isinstance(timestep, int) or (
-            isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)
-        ):
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not torch.is_floating_point(timestep)):
             # An int here is almost always a loop index from enumerate(), not a timestep.
             raise ValueError("step() takes a timestep from scheduler.timesteps, not an integer index")
         if self.num_inference_steps is None:

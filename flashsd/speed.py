@@ -20,15 +20,16 @@ specialise on size-1 dimensions), so no prediction pays for a compile. The compi
 the weights (`<weights>/.torch-compile-cache/`): a restarted container with the same weights folder
 reuses them and its warm-up is mostly cache hits.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -106,7 +107,9 @@ def compile_settings(root: Path | str, runtime: Runtime, environ: Mapping[str, s
     environ = os.environ if environ is None else environ
     value = environ.get(COMPILE_ENV, "").strip().lower()
     if value not in _TRUE + _FALSE:
-        raise ValueError(f"{COMPILE_ENV}={environ[COMPILE_ENV]!r}: set it to 1 for compiled mode, or 0 / leave it unset for eager.")
+        raise ValueError(
+            f"{COMPILE_ENV}={environ[COMPILE_ENV]!r}: set it to 1 for compiled mode, or 0 / leave it unset for eager."
+        )
     mode = environ.get(COMPILE_MODE_ENV, "").strip() or None
     cache_dir = Path(root) / CACHE_FOLDER / _slug(f"torch-{torch.__version__}-{device_name(runtime)}")
     return CompileSettings(enabled=value in _TRUE, mode=mode, cache_dir=cache_dir)
@@ -149,7 +152,11 @@ def fast_path_problems(pipe, model: FlashModel, dtype: torch.dtype) -> list[str]
         for flag in ("use_slicing", "use_tiling"):
             if getattr(vae, flag, False):
                 problems.append(f"vae.{flag} is on")
-        if dtype == torch.float16 and vae.config.get("force_upcast", False) and model.pipeline == "StableDiffusionXLPipeline":
+        if (
+            dtype == torch.float16
+            and vae.config.get("force_upcast", False)
+            and model.pipeline == "StableDiffusionXLPipeline"
+        ):
             problems.append("vae.config.force_upcast: the SDXL pipeline would decode in fp32")
     denoiser = getattr(pipe, model.denoiser)
     if getattr(denoiser, "peft_config", None):

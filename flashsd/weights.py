@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from .errors import WeightsError
 from .models import FlashModel, HubRepo
@@ -103,8 +103,21 @@ def _pickle_note(missing: list[Path], root: Path) -> str:
 # -- damaged weights ---------------------------------------------------------------------------------------------
 
 _DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
@@ -190,7 +203,9 @@ def diagnose_weights(model: FlashModel, root: Path | str) -> list[WeightProblem]
     return problems
 
 
-def weights_message(model: FlashModel, root: Path | str, problems: list[WeightProblem], error: BaseException | None) -> str:
+def weights_message(
+    model: FlashModel, root: Path | str, problems: list[WeightProblem], error: BaseException | None
+) -> str:
     root = Path(root)
     shown = "; ".join(f"{_relative(p.path, root)}: {p.problem}" for p in problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""

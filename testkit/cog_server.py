@@ -1,4 +1,5 @@
 """The real Cog HTTP server (coglet), started on loopback from the project root, for contract tests."""
+
 from __future__ import annotations
 
 import base64
@@ -29,7 +30,7 @@ def decode_data_url(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(payload)))
 
 
-def tiny_server(weights: Path, model: str, folder: Path) -> "CogServer":
+def tiny_server(weights: Path, model: str, folder: Path) -> CogServer:
     """The server of `model` on a tiny weights root, its log in `folder` (use as a context manager)."""
     return CogServer({"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": model}, folder / "server.log")
 
@@ -53,11 +54,14 @@ class CogServer:
         }
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "CogServer":
+    def start(self, timeout: float = 180) -> CogServer:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -112,7 +116,7 @@ class CogServer:
                 self.process.wait()
         self._log.close()
 
-    def __enter__(self) -> "CogServer":
+    def __enter__(self) -> CogServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

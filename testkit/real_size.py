@@ -12,6 +12,7 @@ the trainer's model — diffusers' UNet for SDXL / SD1.5 (saved with old diffuse
 transformer, and for PixArt Jasper's wrapper (diffusers' PixArt with its own AdaLN) or, as the alternative,
 diffusers' PixArt itself.
 """
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ randomised (a fresh LoRA is a no-op).
 
     python -m testkit.tiny_repos DIR [MODEL ...]      # builds the given models (default: all) under DIR
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Shared fixtures."""
+
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ def engines(tiny_weights):
     import torch
 
     from flashsd.engine import Engine
-    from flashsd.runtime import Runtime
     from flashsd.models import MODELS
+    from flashsd.runtime import Runtime
 
     loaded = {}
 

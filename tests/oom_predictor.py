@@ -6,6 +6,7 @@ so the same OpenAPI schema), run by the real Cog server in its own worker proces
 
     COG_PREDICT_TYPE_STUB=tests/oom_predictor.py:OomPredictor python -m cog.server.http
 """
+
 import torch
 
 from predict import Predictor

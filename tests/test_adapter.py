@@ -80,8 +80,14 @@ def test_layers_that_fit_are_named_and_kohya_names_are_resolved():
 @pytest.mark.parametrize(
     "shapes, expected",
     [
-        ({"unet.to_q.lora.down.weight": (2, 7), "unet.to_q.lora.up.weight": (6, 2)}, r"down \[2, 7\] and up \[6, 2\] do not fit"),
-        ({"unet.to_q.lora.down.weight": (2, 8), "unet.to_q.lora.up.weight": (5, 2)}, r"do not fit its weight of shape \[6, 8\]"),
+        (
+            {"unet.to_q.lora.down.weight": (2, 7), "unet.to_q.lora.up.weight": (6, 2)},
+            r"down \[2, 7\] and up \[6, 2\] do not fit",
+        ),
+        (
+            {"unet.to_q.lora.down.weight": (2, 8), "unet.to_q.lora.up.weight": (5, 2)},
+            r"do not fit its weight of shape \[6, 8\]",
+        ),
         ({"unet.to_q.lora.down.weight": (2, 8), "unet.to_q.lora.up.weight": (6, 3)}, r"do not fit"),  # ranks differ
         ({"unet.to_q.lora.down.weight": (2, 8)}, r"its up \(B\) half is missing"),
         ({"base_model.model.proj.lora_B.weight": (6, 3, 1, 1)}, r"its down \(A\) half is missing"),
@@ -142,7 +148,9 @@ def drop_up_half(tensors: dict) -> None:
 @pytest.mark.parametrize("key", ["sdxl", "sd15", "sd3", "pixart"])
 @pytest.mark.parametrize("damage, expected", [(widen, "do not fit its weight"), (drop_up_half, "half is missing")],
                          ids=["wrong-shape", "missing-half"])  # fmt: skip
-def test_a_damaged_adapter_of_each_real_scheme_fails_setup_naming_the_layer(tiny_weights, tmp_path, key, damage, expected):
+def test_a_damaged_adapter_of_each_real_scheme_fails_setup_naming_the_layer(
+    tiny_weights, tmp_path, key, damage, expected
+):
     root = copy_model(tiny_weights, tmp_path, key)
     rewrite(adapter_path(root, key), damage)
     with pytest.raises(WeightsError) as caught:

@@ -1,17 +1,22 @@
 """The engine on tiny random-weight checkpoints of all four families, against the model cards' recipes."""
+
 import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL, LCMScheduler, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+    AutoencoderKL,
+    LCMScheduler,
+    PixArtAlphaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 from peft import PeftModel
 
 from flashsd.engine import Engine
-from flashsd.runtime import Runtime
 from flashsd.models import MODELS
 from flashsd.request import build_request
+from flashsd.runtime import Runtime
 from flashsd.schedulers import FlashFlowMatchEulerDiscreteScheduler
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
@@ -31,11 +36,13 @@ def request(key, **inputs):
     return build_request(MODELS[key], **{"prompt": "a lighthouse at dawn", "seed": 1234, **SIZE, **inputs})
 
 
-
 def card_pipeline(key, root, *, with_adapter=True, fuse=True):
     """Each model card's recipe, written out with plain diffusers and peft (no flashsd code but the SD3
     scheduler the card imports from a fork)."""
-    lcm = lambda base: LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
+
+    def lcm(base):
+        return LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
+
     if key == "sdxl":
         base = root / "stabilityai/stable-diffusion-xl-base-1.0"
         vae = AutoencoderKL.from_pretrained(root / "madebyollin/sdxl-vae-fp16-fix")
@@ -45,7 +52,11 @@ def card_pipeline(key, root, *, with_adapter=True, fuse=True):
     elif key == "sd15":
         base = root / "stable-diffusion-v1-5/stable-diffusion-v1-5"
         pipe = StableDiffusionPipeline.from_pretrained(
-            base, variant="fp16", torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
+            base,
+            variant="fp16",
+            torch_dtype=torch.float32,
+            safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.scheduler = lcm(base)
@@ -76,10 +87,19 @@ def card_pipeline(key, root, *, with_adapter=True, fuse=True):
 def run_card(pipe, key, seeds, **call):
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     extra = {"use_resolution_binning": False, "clean_caption": False} if key == "pixart" else {}
-    arguments = dict(
-        prompt="a lighthouse at dawn", width=128, height=96, num_inference_steps=4, guidance_scale=0.0,
-        num_images_per_prompt=len(seeds), generator=generators, **extra,
-    ) | call
+    arguments = (
+        dict(
+            prompt="a lighthouse at dawn",
+            width=128,
+            height=96,
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            num_images_per_prompt=len(seeds),
+            generator=generators,
+            **extra,
+        )
+        | call
+    )
     if key == "sd3":
         with pipe.scheduler.noise_generators(generators):
             return pipe(**arguments).images

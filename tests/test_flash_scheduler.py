@@ -1,4 +1,5 @@
 """The Flash SD3 scheduler: its grid, its step, per-image noise, loading, and the stock SD3 pipelines."""
+
 import json
 import math
 from fractions import Fraction

@@ -1,4 +1,5 @@
 """The HTTP contract, against the real Cog server (coglet) on loopback serving the tiny checkpoints."""
+
 import pytest
 import requests
 
@@ -61,7 +62,9 @@ def test_an_error_inside_predict_fails_with_a_readable_message_and_the_server_st
 
 def test_malformed_json_is_a_400(server):
     response = requests.post(
-        f"{server.url}/predictions", data=b'{"input": {"prompt": ', headers={"Content-Type": "application/json"},
+        f"{server.url}/predictions",
+        data=b'{"input": {"prompt": ',
+        headers={"Content-Type": "application/json"},
         timeout=30,
     )
     assert response.status_code == 400 and "JSON" in response.text
@@ -76,8 +79,9 @@ def test_openapi_document_is_served(server):
 @pytest.mark.parametrize("key", ["sd3", "sd15", "pixart"])
 def test_each_other_model_serves_a_round_trip(tiny_weights, tmp_path, key):
     with tiny_server(tiny_weights, key, tmp_path) as s:
-        body = s.predict({"prompt": "a harbour at night", "seed": 11, "num_outputs": 2, "output_format": "jpg",
-                          **SMALL}).json()
+        body = s.predict(
+            {"prompt": "a harbour at night", "seed": 11, "num_outputs": 2, "output_format": "jpg", **SMALL}
+        ).json()
         assert body["status"] == "succeeded", (body, s.logs())
         assert [decode_data_url(url).format for url in body["output"]] == ["JPEG", "JPEG"]
         assert s.wait_ready() == "READY"

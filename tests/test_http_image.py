@@ -1,4 +1,5 @@
 """Inpainting through the real Cog server: image and mask sent as data URLs, as Replicate's clients do."""
+
 import base64
 import io
 
@@ -45,4 +46,3 @@ def test_inpainting_round_trip_with_data_urls(server):
     failed = server.predict({"prompt": "x", "image": "data:text/plain;base64," + base64.b64encode(b"hello").decode()})
     assert failed.json()["status"] == "failed" and "image is not an image" in failed.json()["error"]
     assert server.wait_ready() == "READY"
-

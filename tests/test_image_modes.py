@@ -1,5 +1,6 @@
 """Image-to-image and inpainting on the tiny checkpoints: what changes, what is kept, how many steps run, the
 seeds contract, and that every mode runs on the one set of loaded weights."""
+
 import re
 
 import diffusers
@@ -9,10 +10,10 @@ import torch
 from PIL import Image
 
 from flashsd.engine import Engine
-from flashsd.runtime import Runtime
 from flashsd.images import write_outputs
 from flashsd.models import MODELS
 from flashsd.request import build_request
+from flashsd.runtime import Runtime
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 IMAGE_MODELS = [key for key, model in MODELS.items() if model.img2img_pipeline and model.inpaint_pipeline]
@@ -45,9 +46,14 @@ MASK_AREA = (slice(16, 48), slice(32, 80))  # rows, columns of box_mask's white 
 
 
 def request(key, mode, **inputs):
-    images = {"text": {}, "img2img": {"image": source_image()}, "inpaint": {"image": source_image(), "mask": box_mask()}}
-    return build_request(MODELS[key], **{"prompt": "a lighthouse at dawn", "seed": 1234, **SIZE, **images[mode], **inputs})
-
+    images = {
+        "text": {},
+        "img2img": {"image": source_image()},
+        "inpaint": {"image": source_image(), "mask": box_mask()},
+    }
+    return build_request(
+        MODELS[key], **{"prompt": "a lighthouse at dawn", "seed": 1234, **SIZE, **images[mode], **inputs}
+    )
 
 
 class StepCounter:
@@ -196,5 +202,7 @@ def test_outputs_carry_the_denoising_strength_in_their_metadata(engines, tmp_pat
     for path, seed in zip(paths, (7, 8)):
         text = Image.open(path).text["parameters"]
         assert re.search(rf"Steps: 4, .*Seed: {seed}, Size: 96x64, Model: Flash SD, Denoising strength: 0.5$", text)
-    (text_path,) = write_outputs(engine.generate(request("sd15", "text")), request("sd15", "text"), MODELS["sd15"], tmp_path)
+    (text_path,) = write_outputs(
+        engine.generate(request("sd15", "text")), request("sd15", "text"), MODELS["sd15"], tmp_path
+    )
     assert "Denoising strength" not in Image.open(text_path).info.get("parameters", "")

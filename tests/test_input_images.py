@@ -1,4 +1,5 @@
 """Images as inputs: decoding, orientation, colour modes, sizes, masks, and every bad case's message."""
+
 import math
 
 import numpy as np
@@ -9,7 +10,13 @@ from flashsd import input_images
 from flashsd.errors import InputError
 from flashsd.models import MODELS
 from flashsd.request import (
-    ASPECT_RATIOS, MAX_STEPS, MIN_SIDE, aspect_ratio_size, build_request, matching_size, steps_run,
+    ASPECT_RATIOS,
+    MAX_STEPS,
+    MIN_SIDE,
+    aspect_ratio_size,
+    build_request,
+    matching_size,
+    steps_run,
 )
 
 SD15 = MODELS["sd15"]
@@ -103,8 +110,15 @@ def test_disable_safety_checker_must_be_a_boolean():
         req(disable_safety_checker="yes")
 
 
-@pytest.mark.parametrize("pipeline", ["StableDiffusionImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
-                                      "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"])
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+        "StableDiffusion3Img2ImgPipeline",
+        "StableDiffusion3InpaintPipeline",
+    ],
+)
 def test_the_strength_the_engine_passes_runs_exactly_steps_run_steps_in_diffusers(pipeline):
     """Engine passes strength = steps_run / steps; diffusers' own get_timesteps (SD floors, SD3 does not)
     must then keep exactly that many steps, for every step count flashsd allows."""
@@ -174,13 +188,16 @@ def test_mask_pixels_from_128_up_are_repainted_and_below_128_kept(tmp_path):
     levels = [0, 1, 127, 128, 129, 254, 255, 128]
     mask = Image.fromarray(np.repeat(np.array(levels, dtype=np.uint8), 8)[None, :].repeat(64, axis=0), mode="L")
     request = req(
-        image=save(photo(64, 64), tmp_path / "in.png"), mask=save(mask, tmp_path / "m.png"),
-        aspect_ratio="custom", width=64, height=64,
+        image=save(photo(64, 64), tmp_path / "in.png"),
+        mask=save(mask, tmp_path / "m.png"),
+        aspect_ratio="custom",
+        width=64,
+        height=64,
     )  # the output's size: no resampling, every pixel keeps its level
     binary = np.asarray(request.mask)
     assert binary.shape == (64, 64)
     for band, level in enumerate(levels):
-        assert set(np.unique(binary[:, 8 * band: 8 * band + 8])) == {255 if level >= 128 else 0}, level
+        assert set(np.unique(binary[:, 8 * band : 8 * band + 8])) == {255 if level >= 128 else 0}, level
 
 
 # --- decoding and conversion ----------------------------------------------------------------------------
@@ -216,7 +233,7 @@ def test_transparency_is_flattened_onto_white_for_the_image_and_black_for_the_ma
 def test_every_colour_mode_becomes_rgb_and_a_one_channel_mask(tmp_path, mode):
     source = photo(64, 48)
     if mode == "I;16":
-        converted = Image.fromarray((np.asarray(source.convert("L")).astype(np.uint16) * 257))
+        converted = Image.fromarray(np.asarray(source.convert("L")).astype(np.uint16) * 257)
         assert converted.mode == "I;16"
     else:
         converted = source.convert(mode)

@@ -69,7 +69,9 @@ def test_known_library_noise_is_left_out_of_setup_logs_and_real_warnings_still_s
     try:
         Engine.load(MODELS["sdxl"], tiny_weights, Runtime(torch.device("cpu"), torch.float32))
         logging.getLogger("diffusers.configuration_utils").warning("A real warning about a VAE config")
-        logging.getLogger("diffusers.loaders.lora_base").warning("No LoRA keys associated to UNet2DConditionModel found")
+        logging.getLogger("diffusers.loaders.lora_base").warning(
+            "No LoRA keys associated to UNet2DConditionModel found"
+        )
     finally:
         library.removeHandler(collect)
     err = "\n".join(collect.lines)

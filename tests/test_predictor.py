@@ -1,4 +1,5 @@
 """The Cog Predictor in-process: setup from a weights root, predict() end to end, missing weights."""
+
 import inspect
 import logging
 import time
@@ -42,9 +43,17 @@ def test_setup_loads_the_model_named_by_the_environment(predictor):
 
 def test_predict_returns_one_file_per_image_with_seeds_in_logs_and_metadata(predictor, caplog):
     with caplog.at_level(logging.INFO, logger="flashsd"):
-        paths = predictor.predict(**all_inputs(
-            prompt="a cat", aspect_ratio="custom", width=96, height=64, num_outputs=2, seed=5, output_format="png",
-        ))
+        paths = predictor.predict(
+            **all_inputs(
+                prompt="a cat",
+                aspect_ratio="custom",
+                width=96,
+                height=64,
+                num_outputs=2,
+                seed=5,
+                output_format="png",
+            )
+        )
     assert len(paths) == 2 and len({p.name for p in paths}) == 2
     for path, seed in zip(paths, (5, 6)):
         with Image.open(path) as image:

@@ -1,4 +1,5 @@
 """The README's promises stay true: its size table, its two commands, and CI running the test command."""
+
 import re
 import subprocess
 import sys
@@ -10,8 +11,9 @@ README = (PROJECT_ROOT / "README.md").read_text()
 
 def test_size_table_is_what_the_code_computes():
     table = re.search(r"<!-- sizes:begin -->\n(.*?)<!-- sizes:end -->", README, re.S).group(1)
-    printed = subprocess.run([sys.executable, "-m", "flashsd", "sizes"], cwd=PROJECT_ROOT, capture_output=True,
-                             text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "flashsd", "sizes"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert table == printed
 
 

@@ -5,6 +5,7 @@ Figures from /work/shared/REFERENCE.md §1b: layer counts 560 (SDXL), 128 (SD1.5
 naming); flash-sdxl's file is 371,758,976 bytes and flash-sd3's 350,646,280; flash-sd ~102 MB and flash-pixart
 ~221 MB (hub sizes, not to the byte).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,6 @@ from testkit.real_size import (
     safetensors_header,
     write_real_size_adapter,
 )
-from tests.test_tiny_repos import load_pipeline
 from testkit.tiny_repos import (
     FLASH_LORA_RANK,
     FLASH_PEFT_TARGETS,
@@ -42,6 +42,7 @@ from testkit.tiny_repos import (
     pixart_adapter_naming,
     write_pixart_adapter,
 )
+from tests.test_tiny_repos import load_pipeline
 
 LORA_KEY = re.compile(r"^unet\.(.+)\.lora\.(down|up)\.weight$")
 PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")

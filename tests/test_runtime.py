@@ -1,4 +1,5 @@
 """FLASHSD_DEVICE: auto / cuda / cpu, and the container's refusal to run on the CPU by accident."""
+
 import re
 import warnings
 
@@ -71,11 +72,14 @@ def test_cuda_without_a_driver_names_the_build_the_driver_it_needs_and_the_fix(n
 
 def test_cuda_with_an_old_driver_reports_torchs_finding(monkeypatch, tmp_path):
     """torch only warns ("driver too old") and reports no GPU: the warning is turned into the reason."""
+
     def is_available():
         warnings.warn(
             "CUDA initialization: The NVIDIA driver on your system is too old (found version 12080). Please "
             "update your GPU driver by downloading and installing a new version from the URL: "
-            "http://www.nvidia.com/Download/index.aspx", UserWarning,
+            "http://www.nvidia.com/Download/index.aspx",
+            UserWarning,
+            stacklevel=2,
         )
         return False
 
@@ -92,12 +96,21 @@ def test_cuda_with_an_old_driver_reports_torchs_finding(monkeypatch, tmp_path):
     assert "580 or newer" in message
 
 
-@pytest.mark.parametrize("text, version", [
-    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
-     "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n", "535.104.05"),
-    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "
-     "(dvs-builder@U16-I3-B03-4-3)  Thu Jan 23 22:44:48 UTC 2025\n", "570.86.15"),
-])
+@pytest.mark.parametrize(
+    "text, version",
+    [
+        (
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+            "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n",
+            "535.104.05",
+        ),
+        (
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "
+            "(dvs-builder@U16-I3-B03-4-3)  Thu Jan 23 22:44:48 UTC 2025\n",
+            "570.86.15",
+        ),
+    ],
+)
 def test_cuda_reads_the_driver_version_from_the_kernel_module(no_gpu, monkeypatch, tmp_path, text, version):
     driver_file = tmp_path / "version"
     driver_file.write_text(text)

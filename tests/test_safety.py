@@ -1,5 +1,6 @@
 """The safety checker on its tiny random checkpoint: loaded from the real layout, diffusers' own rule, and what
 the engine does with flagged images (left out, counted in the logs; all flagged fails; disable skips it)."""
+
 import contextlib
 import logging
 
@@ -11,10 +12,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from flashsd.engine import Engine
-from flashsd.runtime import Runtime
 from flashsd.images import write_outputs
 from flashsd.models import MODELS, SAFETY_CHECKER
 from flashsd.request import build_request
+from flashsd.runtime import Runtime
 from flashsd.safety import ImagesFlagged, SafetyChecker
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
@@ -63,7 +64,9 @@ def max_concept_similarity(checker: SafetyChecker, images) -> list[float]:
 
 
 def noise_images(count: int) -> list[Image.Image]:
-    return [Image.fromarray(np.random.RandomState(i).randint(0, 256, (48, 64, 3), dtype=np.uint8)) for i in range(count)]
+    return [
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (48, 64, 3), dtype=np.uint8)) for i in range(count)
+    ]
 
 
 def test_every_model_fetches_the_checker_as_safetensors_into_the_sd15_folder():
@@ -127,7 +130,7 @@ def test_a_flag_leaves_out_the_image_it_was_raised_for(engine, monkeypatch, capl
         by_seed = {g.seed: np.asarray(g.image) for g in unchecked}
         assert len({a.tobytes() for a in by_seed.values()}) == count  # every image tells its seed
 
-        def flags(images):  # flags by content: the images the flagged seeds produce
+        def flags(images, by_seed=by_seed, flagged_seeds=flagged_seeds):  # by content: the flagged seeds' images
             return [any(np.array_equal(np.asarray(image), by_seed[s]) for s in flagged_seeds) for image in images]
 
         monkeypatch.setattr(engine.safety_checker, "flags", flags)
@@ -139,7 +142,10 @@ def test_a_flag_leaves_out_the_image_it_was_raised_for(engine, monkeypatch, capl
         for item in kept:
             assert np.array_equal(np.asarray(item.image), by_seed[item.seed])
         seeds = ", ".join(map(str, sorted(flagged_seeds)))
-        assert f"{len(flagged_seeds)} of {count} image(s) flagged as potentially NSFW and left out (seeds {seeds})" in caplog.text
+        assert (
+            f"{len(flagged_seeds)} of {count} image(s) flagged as potentially NSFW and left out (seeds {seeds})"
+            in caplog.text
+        )
 
 
 def test_flagged_images_are_left_out_counted_and_the_rest_keep_their_seeds(engine, caplog, tmp_path):
@@ -153,13 +159,17 @@ def test_flagged_images_are_left_out_counted_and_the_rest_keep_their_seeds(engin
     for item in kept:  # the very images, not black placeholders
         assert np.array_equal(np.asarray(item.image), np.asarray(unchecked[item.seed - 10].image))
         assert np.asarray(item.image).std() > 1
-    assert f"Safety checker: 1 of 3 image(s) flagged as potentially NSFW and left out (seeds {10 + worst})" in caplog.text
+    assert (
+        f"Safety checker: 1 of 3 image(s) flagged as potentially NSFW and left out (seeds {10 + worst})" in caplog.text
+    )
     req = request(num_outputs=3, output_format="png")
     names = sorted(p.name.split("-")[2] for p in write_outputs(kept, req, MODELS["sd15"], tmp_path))
     assert names == sorted(str(g.seed) for g in kept)
 
 
-@pytest.mark.parametrize("count, message", [(1, "The generated image was flagged"), (2, "All 2 generated images were flagged")])
+@pytest.mark.parametrize(
+    "count, message", [(1, "The generated image was flagged"), (2, "All 2 generated images were flagged")]
+)
 def test_when_every_image_is_flagged_the_prediction_fails_saying_so(engine, count, message):
     with thresholds(engine.safety_checker, -1.0), pytest.raises(ImagesFlagged) as e:
         engine.generate(request(num_outputs=count))

@@ -3,6 +3,7 @@
 No timing here (bench/run.py measures speed): each test asserts a property that, when lost, makes the
 GPU path slower without changing a single pixel, so only a test like this one notices.
 """
+
 import dataclasses
 import os
 
@@ -13,14 +14,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from flashsd import speed
 from flashsd.engine import Engine
-from flashsd.runtime import Runtime
 from flashsd.models import MODELS
 from flashsd.request import build_request, distinct_sizes, size_table
+from flashsd.runtime import Runtime
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 CPU16 = Runtime(torch.device("cpu"), torch.float16)
 ALL = list(MODELS)
-
 
 
 def request(key, **inputs):
@@ -150,7 +150,9 @@ def test_compile_settings_read_the_environment(tmp_path):
     off = speed.compile_settings(tmp_path, CPU32, {})
     assert not off.enabled and off.mode is None
     assert not speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "0"}).enabled
-    on = speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1", "FLASHSD_COMPILE_MODE": "max-autotune-no-cudagraphs"})
+    on = speed.compile_settings(
+        tmp_path, CPU32, {"FLASHSD_COMPILE": "1", "FLASHSD_COMPILE_MODE": "max-autotune-no-cudagraphs"}
+    )
     assert on.enabled and on.mode == "max-autotune-no-cudagraphs" and on.backend == "inductor"
     # beside the weights, keyed by torch build and device
     assert on.cache_dir.parent == tmp_path / ".torch-compile-cache"
@@ -170,6 +172,7 @@ def test_warm_up_covers_every_size_of_the_aspect_ratio_table(key):
 
 def test_engine_load_compiles_only_when_asked(tiny_weights, monkeypatch):
     seen = []
+
     def compile_and_warm_up(pipe, model, settings, warm_up, sizes, batches):
         seen.append(settings)
         return speed.SpeedState(compiled=True)

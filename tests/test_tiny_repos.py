@@ -1,4 +1,5 @@
 """testkit/tiny_repos.py: the tiny repos have the real layout and load and run with plain diffusers / peft."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL, LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel, StableDiffusion3Pipeline,
-    StableDiffusionPipeline, StableDiffusionXLPipeline,
+    AutoencoderKL,
+    LCMScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -174,7 +180,9 @@ def test_the_adapter_changes_the_denoiser_and_the_image(tiny_weights, key):
         with_adapter = PeftModel.from_pretrained(pipe.transformer, adapter)
         # peft adds layers by the config's target names, not by what the file holds: count the file's that landed
         landed = {
-            n.removeprefix("base_model.model.") for n, m in with_adapter.named_modules() if isinstance(m, BaseTunerLayer)
+            n.removeprefix("base_model.model.")
+            for n, m in with_adapter.named_modules()
+            if isinstance(m, BaseTunerLayer)
         } & held
         assert landed == held - foreign and landed
         pipe.register_modules(transformer=with_adapter.merge_and_unload())

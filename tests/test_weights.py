@@ -2,6 +2,7 @@
 
 No test reaches the real hub: HF_ENDPOINT points at the fake one, HF_HOME at a temporary folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from flashsd.download import HubUnreachable, download, ensure_weights
 from flashsd.errors import WeightsError
 from flashsd.models import MODELS, FlashModel, HubRepo
-from flashsd.download import HubUnreachable, download, ensure_weights
 from flashsd.weights import default_root, missing_files, repo_dir
 from testkit.fake_hub import FakeHub, closed_port
 
@@ -87,8 +88,15 @@ def hf_env(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     home = tmp_path / "hf_home"
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "FLASHSD_WEIGHTS", "FLASHSD_MODEL",
-                "HF_HUB_ETAG_TIMEOUT", "HF_OIDC_RESOURCE"):
+    for var in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_OFFLINE",
+        "FLASHSD_WEIGHTS",
+        "FLASHSD_MODEL",
+        "HF_HUB_ETAG_TIMEOUT",
+        "HF_OIDC_RESOURCE",
+    ):
         monkeypatch.delenv(var, raising=False)
     env = {
         "HF_HOME": str(home),
@@ -307,8 +315,11 @@ def test_new_pin_with_same_files_transfers_nothing(hub, root, base_files):
 
 def test_pickle_files_are_refused_before_any_request(hub, root, base_files):
     model = tiny_model(base_files | {"unet/diffusion_pytorch_model.bin": b""})
-    for call in (lambda: download(model, root, log=Log()), lambda: ensure_weights(model, root, log=Log()),
-                 lambda: missing_files(model, root)):
+    for call in (
+        lambda: download(model, root, log=Log()),
+        lambda: ensure_weights(model, root, log=Log()),
+        lambda: missing_files(model, root),
+    ):
         with pytest.raises(WeightsError, match=r"unet/diffusion_pytorch_model\.bin, a pickle file"):
             call()
     for suffix in (".ckpt", ".pt", ".pth", ".pkl"):
@@ -547,7 +558,11 @@ def test_script_interrupted_exits_130_and_the_next_run_resumes(hf_env, script_en
         root = tmp_path / "w"
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "--model", "sd15", "--root", str(root)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=PROJECT,
         )
         deadline = time.monotonic() + 30
         while hub.body_bytes_sent < 256 * 1024 and time.monotonic() < deadline:
