@@ -10,7 +10,14 @@ One parser reads every key scheme the LoRA files in use have (header only, milli
 | diffusers (PEFT era) | `unet.<module>.lora_A.weight` / `lora_B` (`transformer.` too) | most diffusers LoRAs |
 | diffusers (before PEFT) | `unet.<module>.lora.down.weight` / `lora.up` | flash-sdxl, flash-sd (REFERENCE §1b) |
 | diffusers attention processors | `unet.<path>.processor.to_q_lora.down.weight` | the oldest diffusers files |
-| kohya / A1111 | `lora_unet_<module_with_underscores>.lora_down.weight` / `lora_up` | CivitAI files |
+| kohya / A1111 | `lora_unet_<module_with_underscores>.lora_down.weight` / `lora_up`, `.alpha` | CivitAI files |
+| kohya SDXL | the same, with the UNet's SGM names: `lora_unet_input_blocks_4_1_…`, `lora_te1_` / `lora_te2_` | CivitAI files |
+| diffusers text encoder (before PEFT) | `text_encoder.<module>.lora_linear_layer.down.weight` / `up` | old diffusers files |
+
+kohya's sd-scripts trains SDXL on its own UNet (`library/sdxl_original_unet.py`), whose blocks keep the SGM
+names `input_blocks` / `middle_block` / `output_blocks`; check_fit maps them onto diffusers' UNet as diffusers'
+loader does (`_maybe_map_sgm_blocks_to_diffusers`, `_convert_unet_lora_key` in diffusers/loaders/
+lora_conversion_utils.py), so a file is checked against the very modules diffusers will attach it to.
 """
 
 from __future__ import annotations
@@ -50,10 +57,22 @@ _HALVES = (  # (pattern of what follows the module name, which half)
     (re.compile(r"\.lora\.up\.weight$"), "up"),
     (re.compile(r"\.lora_down\.weight$"), "down"),
     (re.compile(r"\.lora_up\.weight$"), "up"),
+    (re.compile(r"\.lora_linear_layer\.down\.weight$"), "down"),
+    (re.compile(r"\.lora_linear_layer\.up\.weight$"), "up"),
 )
 # ...attn1.processor.to_q_lora.down.weight: the LoRA of attn1.to_q (to_out means to_out.0)
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _ALPHA = re.compile(r"\.alpha$")
+# SGM UNet names (underscored, as kohya writes them) -> diffusers' (see the table above).
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_SGM_MIDDLE = re.compile(r"^middle_block_(\d+)_(.+)$")
+_SGM_FIXED = {  # modules outside the block structure
+    "input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}  # fmt: skip
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut", "op": "conv"}  # fmt: skip
 
 
 class AdapterError(WeightsError):
@@ -110,6 +129,31 @@ def lora_layers(shapes: Mapping[str, Sequence[int]]) -> dict[tuple[str, str], Lo
     return {k: v for k, v in layers.items() if v.down is not None or v.up is not None}
 
 
+def sgm_to_diffusers(name: str, layers_per_block: int) -> str | None:
+    """The diffusers UNet module (underscored) that an underscored SGM module name stands for, or None for a name
+    that is not SGM. Block arithmetic as diffusers' _maybe_map_sgm_blocks_to_diffusers: input block i > 0 is layer
+    (i - 1) % (n + 1) of down block (i - 1) // (n + 1), the last of each being its downsampler; output block i is
+    layer i % (n + 1) of up block i // (n + 1); sub-block 0 is a resnet, 1 an attention, 2 an upsampler."""
+    if name in _SGM_FIXED:
+        return _SGM_FIXED[name]
+    per = layers_per_block + 1
+    if match := _SGM_MIDDLE.match(name):
+        index, rest = int(match.group(1)), match.group(2)
+        inner = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(index)
+        return None if inner is None else f"mid_block_{inner}_{_SGM_RESNET.get(rest, rest)}"
+    match = _SGM_BLOCK.match(name)
+    if not match:
+        return None
+    kind, index, sub, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+    if kind == "input_blocks":
+        block, layer = divmod(index - 1, per)
+        inner = "downsamplers_0" if rest == "op" else f"{('resnets', 'attentions')[min(sub, 1)]}_{layer}"
+        return f"down_blocks_{block}_{inner}_{_SGM_RESNET.get(rest, rest)}"
+    block, layer = divmod(index, per)
+    inner = "upsamplers_0" if sub >= 2 else f"{('resnets', 'attentions')[sub]}_{layer}"
+    return f"up_blocks_{block}_{inner}_{_SGM_RESNET.get(rest, rest)}"
+
+
 def read_lora_layers(path: Path) -> dict[tuple[str, str], LoraLayer]:
     """The LoRA layers of a safetensors file, from its header alone."""
     from safetensors import safe_open
@@ -153,17 +197,26 @@ def check_fit(
     *,
     foreign: Iterable[str] = (),
     source: str = "the adapter",
+    component: str = "denoiser",
 ) -> Fit:
     """Check every denoiser layer of a LoRA file against the denoiser before anything is attached: the module
     it names must exist and have the shape the two halves were made for. `foreign`: module names known to
     exist only in the trainer's own model, skipped when the denoiser has no such module. Raises AdapterError
     naming the layers that do not fit, and when the file holds no denoiser LoRA layer at all (a check that
-    found nothing to check is no pass)."""
+    found nothing to check is no pass). `component` ("text_encoder", "text_encoder_2") checks that component's
+    layers against `denoiser` instead (then a text encoder)."""
     modules = dict(denoiser.named_modules())
     underscored = {name.replace(".", "_"): name for name in modules}
+    config = getattr(denoiser, "config", None)  # a diffusers UNet's; text encoders and transformers have no SGM names
+    layers_per_block = getattr(config, "layers_per_block", None) if component == "denoiser" else None
+    if isinstance(layers_per_block, int):
+        for layer in layers.values():
+            sgm = sgm_to_diffusers(layer.module, layers_per_block) if layer.underscored else None
+            if sgm in underscored:
+                underscored.setdefault(layer.module, underscored[sgm])
     foreign = set(foreign)
     targeted, skipped, problems = [], [], []
-    denoiser_layers = [layer for (component, _), layer in sorted(layers.items()) if component == "denoiser"]
+    denoiser_layers = [layer for (c, _), layer in sorted(layers.items()) if c == component]
     if not denoiser_layers:
         raise AdapterError(
             f"{source} holds no LoRA layer for the {type(denoiser).__name__}: none of its keys is of a LoRA scheme "

@@ -1,6 +1,7 @@
 """Encoding generated images as webp/jpg/png, with their generation settings in the metadata."""
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,16 +28,23 @@ PNG_COMPRESS_LEVEL = 1
 def generation_parameters(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float, seed: int,
     width: int, height: int, model: str, denoising_strength: float | None = None,
+    loras: Sequence[tuple[str, float, str]] = (),
 ) -> str:
     """The settings in Automatic1111's 'parameters' text, which image tools already parse. Image-to-image and
-    inpainting add A1111's 'Denoising strength' (flashsd's prompt_strength)."""
-    lines = [prompt]
+    inpainting add A1111's 'Denoising strength' (flashsd's prompt_strength). Style LoRAs, (name, scale, short hash)
+    each, are written as A1111 writes them: `<lora:name:scale>` in the prompt line (the syntax its users type) and
+    `Lora hashes: "name: hash, ..."` (extensions-builtin/Lora: names without ':' and ','; quoted by
+    modules/infotext_utils.py's quote(), as any value holding ':' or ',')."""
+    tags = "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
+    lines = [prompt + tags]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     strength = "" if denoising_strength is None else f", Denoising strength: {denoising_strength:g}"
+    hashes = ", ".join(f"{name.replace(':', '').replace(',', '')}: {short}" for name, _, short in loras if short)
+    lora_hashes = f", Lora hashes: {json.dumps(hashes, ensure_ascii=False)}" if hashes else ""
     lines.append(
         f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale:g}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {model}{strength}"
+        f"Size: {width}x{height}, Model: {model}{strength}{lora_hashes}"
     )
     return "\n".join(lines)
 
@@ -82,6 +90,7 @@ def write_outputs(generated, request, model, directory: Path) -> list[Path]:
             height=item.image.height,
             model=model.title,
             denoising_strength=request.prompt_strength if request.image is not None else None,
+            loras=[(lora.name, lora.scale, lora.hash) for lora in item.loras],
         )
         path = directory / f"flash-{model.key}-{item.seed}-{tag}.{request.output_format}"
         jobs.append((item.image, path, request.output_format, request.output_quality, parameters))

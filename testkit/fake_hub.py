@@ -9,6 +9,9 @@ It answers what huggingface_hub 2.4's `hf_hub_download` asks for (see `file_down
 - `GET` of the same URL (regular files) or of the CDN URL (LFS files), honouring `Range: bytes=N-` with `206`.
 - Hub errors as the real hub labels them (`X-Error-Code`): `GatedRepo` (401 without a token, 403 with the wrong
   one), `RepoNotFound`, `RevisionNotFound`, `EntryNotFound`.
+- `GET /api/models/{repo_id}` (and `/revision/{revision}`), what `HfApi.model_info` asks: `id`, `sha` and
+  `siblings` (`rfilename`, with `?blobs=true` also `size` and `lfs`), as the real hub answers; like the real hub it
+  answers a gated repo's metadata without a token. The branch `main` is the revision added last.
 
 Faults for tests: drop the connection halfway through a file's first body, serve a file's first body corrupted
 (same length), serve bodies slowly. Every request is recorded (`requests`, `count()`, `file_gets()`); anything else
@@ -17,6 +20,7 @@ Faults for tests: drop the connection halfway through a file's first body, serve
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -44,6 +48,7 @@ class Request:
 class _Repo:
     revisions: dict[str, dict[str, bytes]]  # revision -> {filename: content}
     token: str | None = None  # set for a gated repo
+    main: str | None = None  # the revision the branch `main` points at (the last one added)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class FakeHub:
         """Serve `files` as repo `repo_id` at `revision` (a 40-hex commit); `token` makes the repo gated."""
         repo = self.repos.setdefault(repo_id, _Repo(revisions={}))
         repo.revisions[revision] = dict(files)
+        repo.main = revision
         if token is not None:
             repo.token = token
         for name, data in files.items():
@@ -179,10 +185,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_file(repo_id, filename, data, body, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"'})
 
         parts = path.lstrip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) in (4, 6):
+            return self._model_info(parts, body)
         if len(parts) < 5 or parts[2] != "resolve":
             return self._error(404, None, "Not found", body)
         repo_id = f"{parts[0]}/{parts[1]}"
         revision = unquote(parts[3])
+        if revision == "main" and repo_id in self.fake.repos:
+            revision = self.fake.repos[repo_id].main or revision
         filename = unquote("/".join(parts[4:]))
 
         repo = self.fake.repos.get(repo_id)
@@ -220,6 +230,36 @@ class _Handler(BaseHTTPRequestHandler):
             return
         headers["ETag"] = f'"{git_blob_sha1(data)}"'
         return self._send_file(repo_id, filename, data, body, headers)
+
+    def _model_info(self, parts: list[str], body: bool) -> None:
+        repo_id = f"{parts[2]}/{parts[3]}"
+        repo = self.fake.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found", body)
+        revision = unquote(parts[5]) if len(parts) == 6 else repo.main
+        if revision == "main":
+            revision = repo.main
+        files = repo.revisions.get(revision or "")
+        if files is None:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
+        blobs = "blobs=true" in (urlsplit(self.path).query or "").lower()
+        siblings = []
+        for name, data in sorted(files.items()):
+            sibling: dict = {"rfilename": name}
+            if blobs:
+                sibling |= {"size": len(data), "blobId": git_blob_sha1(data)}
+                if name.endswith(LFS_SUFFIXES):
+                    sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            siblings.append(sibling)
+        info = {"id": repo_id, "modelId": repo_id, "sha": revision, "private": False,
+                "gated": "auto" if repo.token else False, "siblings": siblings}  # fmt: skip
+        payload = json.dumps(info).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload) if body else 0))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
 
     # -- responses -----------------------------------------------------------------------------------------
 
