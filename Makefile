@@ -41,8 +41,9 @@ demo: setup  ## the same prediction on tiny random weights: shows the whole path
 schema: setup  ## regenerate .cog/openapi_schema.json from predict.py
 	$(BIN)/python scripts/openapi-schema
 
-serve: setup  ## the Cog HTTP server on 127.0.0.1:5000, as in the container
-	PATH="$(CURDIR)/$(BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=5000 $(BIN)/python -m cog.server.http --host 127.0.0.1
+serve: setup  ## the Cog HTTP server on 127.0.0.1:5000, as in the container (4 predictions at once, as @concurrent says)
+	PATH="$(CURDIR)/$(BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor COG_MAX_CONCURRENCY=4 PORT=5000 \
+		$(BIN)/python -m cog.server.http --host 127.0.0.1
 
 weights: setup  ## fetch the weights of MODEL into weights/
 	$(BIN)/python scripts/download-weights --model $(MODEL)

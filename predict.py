@@ -1,13 +1,18 @@
 """The Cog adapter: declares the inputs, turns them into one request, calls the engine, returns files.
 
 The model is chosen by FLASHSD_MODEL (sdxl, sd3, sd15, pixart) and the weights are read from
-FLASHSD_WEIGHTS (default: weights/ beside this file).
+FLASHSD_WEIGHTS (default: weights/ beside this file). Up to 4 predictions run at once (`@concurrent`, which
+`cog build` writes into the image as COG_MAX_CONCURRENCY, the variable coglet reads; `make serve` sets it):
+compatible ones share one pipeline call (flashsd.batching), the blocking work runs off coglet's event loop.
 """
+import asyncio
 import logging
+import os
 from typing import List, Optional
 
-from cog import BasePredictor, Input, Path
+from cog import BasePredictor, Input, Path, concurrent
 
+from flashsd.batching import engine_batcher
 from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tempdir
 from flashsd.download import ensure_weights
 from flashsd.engine import Engine
@@ -28,11 +33,17 @@ class Predictor(BasePredictor):
         root = default_root()
         ensure_weights(self.model, root)
         self.engine = Engine.load(self.model, root, runtime)
-        self.outputs = OutputFolders()
+        self.batcher = engine_batcher(self.engine, self.engine.batch_budget)
+        in_flight = os.environ.get("COG_MAX_CONCURRENCY", "")
+        in_flight = int(in_flight) if in_flight.isdigit() and int(in_flight) > 0 else 1  # coglet: 1 unless valid
+        self.outputs = OutputFolders(keep=in_flight)  # the folders of predictions still being delivered
+        # Concurrent requests' input copies may be arriving: sweep only those older than any live request.
+        self.stale_input_s = 0 if in_flight == 1 else 900
 
     # Input declarations use literal values only: `cog build` reads them from this file's text, not by
     # running it. tests/test_schema.py checks they agree with flashsd.request.
-    def predict(
+    @concurrent(max=4)
+    async def predict(
         self,
         prompt: str = Input(description="What the image shows."),
         negative_prompt: str = Input(
@@ -86,10 +97,27 @@ class Predictor(BasePredictor):
             description="Skip the safety checker. When it runs, flagged images are left out of the output; the prediction fails only if every image is flagged.",
             default=False,
         ),
+        lora_weights: str = Input(
+            description="A style LoRA trained for the base model (SDXL, SD1.5 or SD3; not PixArt), applied at Flash speed: the URL of a .safetensors file (CivitAI download links included), a Hugging Face repo as owner/name (its single .safetensors file) or owner/name/file.safetensors. Downloaded once, then cached.",
+            default="",
+        ),
+        lora_scale: float = Input(
+            description="Strength of lora_weights: 1 as trained, 0 off, negative to push away from its style. Distilled models can weaken a style: try values above 1.",
+            ge=-1, le=3, default=1.0,
+        ),
+        extra_lora: str = Input(
+            description="A second style LoRA, in the same forms as lora_weights, applied together with it.",
+            default="",
+        ),
+        extra_lora_scale: float = Input(
+            description="Strength of extra_lora, as lora_scale.",
+            ge=-1, le=3, default=1.0,
+        ),
     ) -> List[Path]:
         # coglet leaves the input copies of a request it rejected after downloading part of them; remove them.
-        sweep_input_copies(keep=(image, mask))
-        request = build_request(
+        sweep_input_copies(keep=(image, mask), older_than_s=self.stale_input_s)
+        request = await asyncio.to_thread(  # it decodes the images: off the event loop
+            build_request,
             self.model,
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -106,11 +134,16 @@ class Predictor(BasePredictor):
             output_format=output_format,
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
+            lora_weights=lora_weights,
+            lora_scale=lora_scale,
+            extra_lora=extra_lora,
+            extra_lora_scale=extra_lora_scale,
         )
-        generated = self.engine.generate(request)
+        generated = await self.batcher.submit(request)  # alone, or in one call with compatible predictions
+        folder = self.outputs.fresh()
         try:
-            paths = write_outputs(generated, request, self.model, self.outputs.fresh())
+            paths = await asyncio.to_thread(write_outputs, generated, request, self.model, folder)
         except BaseException:  # failed or cancelled while writing: no partial files left behind
-            self.outputs.discard()
+            self.outputs.discard(folder)
             raise
         return [Path(path) for path in paths]

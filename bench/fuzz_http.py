@@ -4,6 +4,7 @@
 Requests are generated from the server's own OpenAPI schema (GET /openapi.json), so new inputs are fuzzed
 without touching this file: wrong types, out-of-range and boundary values, bad choices, explicit nulls,
 missing and unknown fields, empty / whitespace-only / huge (100 kB) / non-Latin / over-77-token prompts,
+hostile A1111 prompt syntax (thousands of nested or unbalanced brackets, BREAKs, weights past float's range),
 malformed JSON and wrong content types, cross-field mistakes, `num_outputs` 4 at the largest size, and
 seeded random mixtures of all of these. Each request must end as one of:
 
@@ -207,6 +208,30 @@ def prompt_values() -> list[tuple[str, str, bool]]:
     ]
 
 
+def hostile_prompt_values() -> list[tuple[str, str]]:
+    """(label, prompt): A1111 syntax at its worst, each at most 5,000 characters (the prompt limit)."""
+    return [
+        ("2 500 nested brackets", "(" * 2497 + "a lighthouse" + ")" * 2490),
+        ("5 000 opening brackets", "(" * 5000),
+        ("5 000 closing brackets", ")" * 5000),
+        ("2 500 nested square brackets", "[" * 2500 + "]" * 2500),
+        ("brackets and text alternating", "(a[b" * 1250),
+        ("454 weights", "(a cat:1.3)" * 454),
+        ("a 4 990-digit weight", "(a:" + "9" * 4990 + ")"),
+        ("weights without brackets", ":1.2)" * 1000),
+        ("2 500 escaped brackets", "\\(" * 2500),
+        ("5 000 backslashes", "\\" * 5000),
+        ("833 BREAKs", "BREAK " * 833),
+        ("every syntax at once", ("((a \\(cat\\):1.2) [dog] BREAK (sky:0.5), [[x]:2] " * 120)[:5000]),
+        ("Arabic-Indic digits as a weight", "a (lighthouse:\u0661.\u0665)"),
+        ("zero and negative weights", "(a lighthouse:0) (at dawn:-1.5) (sky:-0)"),
+    ]
+
+
+# Hostile prompts also sent as the negative prompt (with guidance), padded against a one-chunk prompt.
+NEGATIVE_HOSTILE = ("2 500 nested brackets", "833 BREAKs", "every syntax at once")
+
+
 def _wrong_types(kind: str) -> list[tuple[str, Any]]:
     base = [("null", None), ("list", [1]), ("object", {"a": 1}), ("true", True)]
     if kind == "string":
@@ -230,6 +255,8 @@ class Generator:
         self.schema = schema
         self.model = model
         self.uploads: dict[str, Upload] = {}
+        # Each style-LoRA source sent: the start of the error it causes (None: no LoRA, or a fine one).
+        self.lora_values: dict[str, str | None] = {}
         components = schema["components"]["schemas"]
         self.input = components["Input"]
         self.properties: dict[str, dict] = {}
@@ -329,9 +356,13 @@ class Generator:
     # -- prompts --
 
     def prompt_cases(self) -> list[Case]:
+        from flashsd.models import MODELS
+
+        # What the log says of a long prompt: CLIP models read it whole, in chunks; PixArt's T5 says what it cuts.
+        long_log = "chunk(s) of up to 75" if MODELS[self.model].prompt_encoding else "tokens long but"
         cases = []
         for label, text, long in prompt_values():
-            expect = "tokens long but" if long and len(text) <= 5000 else None
+            expect = long_log if long and len(text) <= 5000 else None
             cases.append(Case(f"prompt: {label}", self.with_(prompt=text), names=("prompt",), expect_log=expect))
             if "negative_prompt" in self.properties and "guidance_scale" in self.properties:
                 cases.append(Case(f"negative_prompt: {label}", self.with_(negative_prompt=text, guidance_scale=2),
@@ -385,7 +416,43 @@ class Generator:
             Case("200 unknown fields", self.with_(**{f"extra_{i}": i for i in range(200)}), names=()),
             Case("empty input", {}, names=("prompt",)),
         ]
+        if {"lora_weights", "extra_lora"} <= set(p):
+            cases += self.lora_cases()
         return self.expecting(cases)
+
+    def lora_cases(self) -> list[Case]:
+        """Style-LoRA sources that name nothing fetchable, or that cannot be fetched from here (the server has no
+        network but loopback, and the hub is off or unreachable): each fails naming its input, in seconds."""
+        closed = f"http://127.0.0.1:{self.closed}/style.safetensors"
+        cases = []
+        for label, name, value, problem in [
+            ("unreachable URL", "lora_weights", closed, "could not connect to 127.0.0.1"),
+            ("unreachable URL with a key", "extra_lora", closed + "?token=fuzz-secret", "could not connect to 127.0.0.1"),
+            ("CivitAI-like unreachable", "lora_weights", f"http://127.0.0.1:{self.closed}/api/download/models/1",
+             "could not connect to 127.0.0.1"),
+            ("hub repo, no hub", "lora_weights", "someone/watercolor", "Hugging Face hub"),
+            ("hub file, no hub", "extra_lora", "someone/watercolor/style.safetensors", "Hugging Face hub"),
+            ("not a source", "lora_weights", "a watercolor style", "is neither an http(s) URL nor a Hugging Face repo"),
+            ("ftp URL", "extra_lora", "ftp://127.0.0.1/style.safetensors", "is not an http(s) URL"),
+            ("local file", "lora_weights", "file:///etc/passwd", "is not an http(s) URL"),
+            ("data URL", "extra_lora", "data:application/octet-stream;base64,AAAA", "is neither"),
+            ("pickle URL", "lora_weights", "https://127.0.0.1/style.ckpt", "is a pickled PyTorch file"),
+            ("pickle in a repo", "extra_lora", "someone/watercolor/model.bin", "is a pickled PyTorch file"),
+            ("not safetensors in a repo", "lora_weights", "someone/watercolor/README.md", "names a file that is not .safetensors"),
+            ("path traversal", "extra_lora", "../../etc/passwd", "is neither"),
+            ("repo path traversal", "lora_weights", "someone/style/../../x.safetensors", "does not name a file inside"),
+            ("10 000 characters", "lora_weights", "https://127.0.0.1/" + "x" * 10_000, "characters long"),
+            ("emoji", "extra_lora", "🎨/🖌️", "is neither"),
+            ("whitespace", "lora_weights", " \t ", None),
+        ]:  # fmt: skip
+            self.lora_values[value] = problem
+            cases.append(Case(f"{name}: {label}", self.with_(**{name: value}), names=(name,)))
+        cases += [
+            Case("lora_scale without a LoRA", self.with_(lora_scale=2.5), names=("lora_scale",)),
+            Case("both LoRAs unreachable", self.with_(lora_weights=closed, extra_lora=closed),
+                 names=("lora_weights", "extra_lora")),
+        ]  # fmt: skip
+        return cases
 
     # -- bodies --
 
@@ -576,14 +643,43 @@ class Generator:
         for name, prop in self.properties.items():  # an integral float passes the schema, not flashsd
             if prop.get("type") == "integer" and name not in ("width", "height") and isinstance(v.get(name), float):
                 problems.append(f"{name} must be a whole number")
-        guidance = v.get("guidance_scale")
-        if negative.strip() and isinstance(guidance, (int, float)) and guidance <= 1:
-            problems.append("negative_prompt only has an effect when guidance_scale is above 1")
+        # (A negative prompt with guidance_scale <= 1 is accepted and ignored: no problem.)
+        for name in ("lora_weights", "extra_lora"):  # checked after every other input, fetched last of all
+            value = v.get(name)
+            if isinstance(value, str) and value.strip():
+                takes = MODELS[self.model].lora_family is not None
+                problem = self.lora_values[value] if takes else "takes no style LoRA"  # every value sent is recorded
+                if problem:
+                    problems.append(problem)
         return problems
 
     def cases(self, mixtures: int = 200) -> list[Case]:
-        pool = self.field_cases() + self.prompt_cases() + self.cross_cases()
+        pool = self.field_cases() + self.prompt_cases() + self.cross_cases() + self.syntax_cases()
         return pool + self.body_cases() + self.mixtures(mixtures, pool)
+
+    # -- hostile prompt syntax --
+
+    def syntax_cases(self) -> list[Case]:
+        """A1111 syntax at its worst, within the 5,000 characters a prompt may have: each is read as A1111 reads it
+        and generates, except weights whose product passes float's range, which fail naming the prompt."""
+        cases = []
+        for label, text in hostile_prompt_values():
+            cases.append(Case(f"prompt syntax: {label}", self.with_(prompt=text), names=("prompt",)))
+            if label in NEGATIVE_HOSTILE and {"negative_prompt", "guidance_scale"} <= set(self.properties):
+                cases.append(Case(f"negative_prompt syntax: {label}", self.with_(negative_prompt=text, guidance_scale=2),
+                                  names=("negative_prompt",)))
+        from flashsd.models import MODELS
+
+        overflow = "(" * 8 + "a lighthouse:" + "9" * 308 + ")" * 8  # 1e308 x 1.1^7: infinite
+        for name, extra in (("prompt", {}), ("negative_prompt", {"guidance_scale": 2})):
+            if name in self.properties:
+                # Its outcome is set here (input_problems does not parse syntax): refused where CLIP reads weights,
+                # plain text for PixArt. The second name keeps it out of the random mixtures, whose outcomes come
+                # from input_problems alone.
+                expect = f"failed: {name}'s weights are too extreme" if MODELS[self.model].prompt_encoding else ""
+                cases.append(Case(f"{name} syntax: weight past float's range", self.with_(**{name: overflow}, **extra),
+                                  names=(name, "weights"), expect=expect))
+        return self.expecting(cases)
 
 
 class _Drop:
@@ -833,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         for mismatch in report.mismatches:
             print("MISMATCH", mismatch)
         if missing_logs:
-            print("no truncation warning logged for:", missing_logs)
+            print("no log line about a long prompt for:", missing_logs)
         if args.json:
             args.json.write_text(json.dumps({"summary": summary, "outcomes": [o.__dict__ for o in report.outcomes]},
                                             indent=1, ensure_ascii=False, default=str))

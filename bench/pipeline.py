@@ -3,6 +3,7 @@ against the base recipe, per-stage times, images/s, and the channels_last questi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import inspect
@@ -108,7 +109,7 @@ def predict_overhead(predictor, size: int, repeats: int, batches=(1, 4)) -> dict
         def diffusers_call():
             images[0] = plain_call(engine, request)
 
-        times = medians({"diffusers": diffusers_call, "predict": lambda: predictor.predict(**inputs)}, repeats)
+        times = medians({"diffusers": diffusers_call, "predict": lambda: asyncio.run(predictor.predict(**inputs))}, repeats)
         generated = engine.generate(request)
         with tempfile.TemporaryDirectory() as tmp:
             encode = medians({"encode": lambda: write_outputs(generated, request, model, Path(tmp))}, repeats)["encode"]
@@ -118,7 +119,7 @@ def predict_overhead(predictor, size: int, repeats: int, batches=(1, 4)) -> dict
         real_pipe = engine.pipe
         engine.pipe = _Replay(real_pipe, images[0])
         try:
-            stubbed = medians({"predict": lambda: predictor.predict(**inputs)}, 2 * repeats)["predict"]
+            stubbed = medians({"predict": lambda: asyncio.run(predictor.predict(**inputs))}, 2 * repeats)["predict"]
         finally:
             engine.pipe = real_pipe
         rows[n] = {

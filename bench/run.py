@@ -34,8 +34,10 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 from bench.common import table  # noqa: E402
 
-SECTIONS = ("encode", "lora", "evaluations", "predict", "stages", "throughput", "layout", "setup", "http", "compile")
-CPU_DEFAULT = tuple(s for s in SECTIONS if s not in ("layout", "compile"))
+SECTIONS = ("encode", "lora", "evaluations", "predict", "stages", "throughput", "layout", "setup", "http", "compile",
+            "style_loras")  # fmt: skip
+# style_loras builds an SDXL-size UNet (10 GB in fp32 on a CPU): opt-in there.
+CPU_DEFAULT = tuple(s for s in SECTIONS if s not in ("layout", "compile", "style_loras"))
 RESULTS = common.PROJECT / "bench" / "results"
 
 
@@ -96,8 +98,8 @@ def _probe(what: str, *arguments: str, timeout: float = 1800) -> dict:
 class Bench:
     def __init__(self, args):
         from bench import pipeline
-        from flashsd.runtime import select_runtime
         from flashsd.models import MODELS
+        from flashsd.runtime import select_runtime
 
         self.args = args
         self.pipeline = pipeline
@@ -156,6 +158,15 @@ class Bench:
 
         result = lora.run(self.runtime.device, self.runtime.dtype, repeats=max(7, self.args.repeats))
         return result, lora.report(result)
+
+    def style_loras(self):
+        from bench import style_loras
+
+        self.release_engines()
+        key = self.args.model
+        result = style_loras.run(self.MODELS[key], self.weights_for(key).root, self.runtime.device, self.runtime.dtype,
+                                 self.args.size, self.args.repeats)  # fmt: skip
+        return result, style_loras.report(result)
 
     def evaluations(self):
         engine = self.engine_for(self.args.model)
@@ -257,6 +268,13 @@ class Bench:
         if "lora" in r:
             rows.append(("fused-LoRA / base denoiser forward", r["lora"]["fused_over_base"], "<= 1.02"))
             rows.append(("unfused-LoRA / base denoiser forward", r["lora"]["unfused_over_base"], ""))
+        if "style_loras" in r:
+            s = r["style_loras"]
+            for key, swap in s["swap"].items():
+                t = swap["ms"]
+                rows.append((f"style LoRA at {key} UNet size: load / fuse / restore ms", f"{t['load']} / {t['fuse']} / "
+                             f"{t['restore']}", ""))  # fmt: skip
+            rows.append(("cached-LoRA / no-LoRA prediction", s["prediction"]["ratio"], "<= 1.02"))
         if "evaluations" in r:
             e = r["evaluations"]
             rows.append(("denoiser evaluations / image: Flash vs base 25-step guided",
@@ -290,7 +308,7 @@ def main(argv=None) -> int:
             os.environ[name] = str(args.threads)
     facts = {**common.machine(), "torch_threads": torch.get_num_threads()}
     bench = Bench(args)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     command = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
     print(f"flashsd benchmarks on {facts.get('gpu') or facts['cpu']} ({facts['cpu_cores']} cores), torch "
           f"{facts['torch']}, {bench.runtime.device} {str(bench.runtime.dtype).removeprefix('torch.')}; "

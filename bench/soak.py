@@ -108,6 +108,7 @@ class SoakResult:
     rss_slope_mb_per_100: float = 0.0
     leftover_files: list[str] = field(default_factory=list)
     worker_replaced: bool = False
+    clients: int = 1  # predictions sent at once (the server's COG_MAX_CONCURRENCY should allow them)
 
     def problems(self) -> list[str]:
         found = []
@@ -121,7 +122,8 @@ class SoakResult:
                 found.append(f"{who} open files grew by {grown}")
         if self.after.worker_threads > self.before.worker_threads + 2:
             found.append(f"worker threads {self.before.worker_threads} -> {self.after.worker_threads}")
-        if self.after.temp_files > self.before.temp_files + 2:
+        # the output folders of the last predictions in flight are kept until newer ones replace them
+        if self.after.temp_files > self.before.temp_files + 2 * self.clients:
             found.append(
                 f"temporary files {self.before.temp_files} -> {self.after.temp_files}: {self.leftover_files[:5]}"
             )
@@ -130,7 +132,9 @@ class SoakResult:
         return found
 
 
-def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_up: int = WARM_UP) -> SoakResult:
+def soak(
+    server: CogServer, temp: Path, predictions: int, every: int = 25, warm_up: int = WARM_UP, clients: int = 1
+) -> SoakResult:
     pid = worker_pid(server)
     for i in range(warm_up):
         server.predict(inputs_for(100_000 + i)).raise_for_status()
@@ -139,17 +143,17 @@ def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_
     samples = [before]
     statuses: dict[str, int] = {}
     started = time.monotonic()
-    for i in range(predictions):
-        response = server.predict(inputs_for(i))
-        status = (
-            response.json().get("status", f"http {response.status_code}")
-            if response.ok
-            else f"http {response.status_code}"
-        )
-        statuses[status] = statuses.get(status, 0) + 1
-        if (i + 1) % every == 0 or i + 1 == predictions:
+
+    def one(i: int) -> str:
+        response = server.predict(inputs_for(i), busy_wait=60)
+        return response.json().get("status", f"http {response.status_code}") if response.ok else f"http {response.status_code}"
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for chunk in range(0, predictions, every):
+            for status in pool.map(one, range(chunk, min(predictions, chunk + every))):
+                statuses[status] = statuses.get(status, 0) + 1
             wait_ready(server)
-            samples.append(sample(server, i + 1, temp))
+            samples.append(sample(server, min(predictions, chunk + every), temp))
     seconds = time.monotonic() - started
     after = samples[-1]
     xs = [s.done for s in samples]
@@ -168,6 +172,7 @@ def soak(server: CogServer, temp: Path, predictions: int, every: int = 25, warm_
         rss_slope_mb_per_100=round(100 * slope, 2),
         leftover_files=[str(p.relative_to(temp)) for p in files_under(temp)],
         worker_replaced=worker_pid(server) != pid,
+        clients=clients,
     )
 
 

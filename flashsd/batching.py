@@ -9,7 +9,7 @@ member was cancelled is told to stop. A failure of a shared call (out of memory,
 by one, so that one big request cannot fail the others.
 
 The batcher knows nothing of diffusers or Cog: `run` is any function of a list of jobs that returns one result
-per job, and it runs in a worker thread, off the event loop (coglet runs every prediction on one loop).
+per job (an exception instance fails that job alone), and it runs in a worker thread, off the event loop (coglet runs every prediction on one loop).
 """
 
 from __future__ import annotations
@@ -106,13 +106,16 @@ class Batcher:
             for job, (result, error) in zip(batch, outcomes):
                 if job.future.done():
                     continue
+                if isinstance(result, BaseException):  # `run` may fail one job of a batch and not the others
+                    result, error = None, result
                 if error is not None:
                     job.future.set_exception(error)
                 else:
                     job.future.set_result(result)
 
     def _run_isolated(self, batch: list[Job]) -> list[tuple[Any, BaseException | None]]:
-        """(result, error) per job. A shared call that fails is retried one job at a time."""
+        """(result, error) per job. A shared call that fails is retried one job at a time; what is no Exception
+        (a cancellation delivered into the call) ends the whole batch."""
         try:
             return [(result, None) for result in self._run(batch)]
         except Exception as error:
@@ -121,6 +124,8 @@ class Batcher:
             log.warning(
                 "A batch of %d predictions failed (%s); running them one by one", len(batch), type(error).__name__
             )
+        except BaseException as error:  # noqa: B036 - handed to every waiting prediction, the worker goes on
+            return [(None, error)] * len(batch)
         outcomes = []
         for job in batch:
             if job.cancelled:
@@ -131,3 +136,18 @@ class Batcher:
             except Exception as error:
                 outcomes.append((None, error))
         return outcomes
+
+
+def engine_batcher(engine, image_budget: Callable[[Hashable], int]) -> Batcher:
+    """The batcher of an Engine (flashsd.engine; duck-typed here): a request alone runs the single-request path
+    itself, in its own context; several share `generate_together`, which stops when none of them waits."""
+
+    def run(jobs: Sequence[Job]) -> Sequence[Any]:
+        if len(jobs) == 1:
+            job = jobs[0]
+            return [job.context.run(engine.generate, job.payload, stop=lambda: job.cancelled)]
+        return engine.generate_together(
+            [job.payload for job in jobs], [job.say for job in jobs], stop=lambda: all(job.cancelled for job in jobs)
+        )
+
+    return Batcher(run, key=engine.batch_key, images=lambda request: request.num_outputs, budget=image_budget)

@@ -10,12 +10,14 @@ when the next prediction starts (Cog has sent them by then) or at once if writin
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,20 +48,24 @@ def use_private_tempdir(force: bool = False) -> Path | None:
     return folder
 
 
-def sweep_input_copies(keep: Iterable[object] = ()) -> int:
+def sweep_input_copies(keep: Iterable[object] = (), older_than_s: float = 0.0) -> int:
     """Delete the files lying directly in the worker's private temporary folder except `keep` (the current
-    prediction's inputs). coglet deletes a request's input copies after its prediction, but not when one input
-    fails to download after others were copied: predict() never runs and the copies would stay for the
-    container's lifetime. Folders (the outputs being delivered) are left alone; outside a private folder
-    nothing is swept."""
+    prediction's inputs) and those younger than `older_than_s` (with concurrent predictions, another request's
+    inputs may be arriving: only copies older than any live request are swept). coglet deletes a request's input
+    copies after its prediction, but not when one input fails to download after others were copied: predict()
+    never runs and the copies would stay for the container's lifetime. Folders (the outputs being delivered) are
+    left alone; outside a private folder nothing is swept."""
     folder = Path(tempfile.gettempdir())
     if not folder.name.startswith(PRIVATE_TEMP_PREFIX):
         return 0
     kept = {os.path.realpath(os.fspath(p)) for p in keep if isinstance(p, (str, os.PathLike))}
+    cutoff = time.time() - older_than_s
     removed = 0
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False) and os.path.realpath(entry.path) not in kept:
             with contextlib.suppress(FileNotFoundError):
+                if older_than_s and entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
                 os.unlink(entry.path)
                 removed += 1
     if removed:
@@ -68,18 +74,22 @@ def sweep_input_copies(keep: Iterable[object] = ()) -> int:
 
 
 class OutputFolders:
-    """One fresh folder per prediction; the previous one is removed when the next is made."""
+    """One fresh folder per prediction. Cog has sent a prediction's files once it returns, but with `keep`
+    predictions in flight the newest `keep` folders may still be in use: older ones are removed as new ones come."""
 
-    def __init__(self, prefix: str = "flashsd-"):
-        self.prefix = prefix
-        self.current: Path | None = None
+    def __init__(self, keep: int = 1, prefix: str = "flashsd-"):
+        self.keep, self.prefix = keep, prefix
+        self.folders: collections.deque[Path] = collections.deque()
 
     def fresh(self) -> Path:
-        self.discard()
-        self.current = Path(tempfile.mkdtemp(prefix=self.prefix))
-        return self.current
+        while len(self.folders) >= self.keep:
+            shutil.rmtree(self.folders.popleft(), ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=self.prefix))
+        self.folders.append(folder)
+        return folder
 
-    def discard(self) -> None:
-        if self.current is not None:
-            shutil.rmtree(self.current, ignore_errors=True)
-            self.current = None
+    def discard(self, folder: Path) -> None:
+        """Remove a folder whose files were never delivered (writing them failed or was cancelled)."""
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(ValueError):
+            self.folders.remove(folder)

@@ -5,20 +5,22 @@ benchmarks all drive it directly."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 import diffusers
 import torch
 from PIL import Image
 
-from . import adapter, logs, speed
+from . import adapter, logs, loras, speed
 from .models import FlashModel
-from .prompts import truncated_prompt_warnings
+from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
 from .request import GenerationRequest, build_request, distinct_sizes
 from .runtime import Runtime, select_runtime
@@ -29,12 +31,14 @@ from .weights import repo_dir, weights_problems
 log = logging.getLogger("flashsd")
 
 WARM_UP_PROMPT = "a photo of a lighthouse at dawn"
+DEFAULT_BATCH_MEGAPIXELS = 4.2  # images in one shared call (batch_budget); FLASHSD_BATCH_MEGAPIXELS overrides
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
     image: Image.Image
     seed: int
+    loras: tuple[loras.AppliedLora, ...] = ()  # the style LoRAs fused when it was made (for its metadata)
 
 
 def _load_scheduler(model: FlashModel, base: Path):
@@ -73,6 +77,9 @@ class Engine:
         self.safety_checker = safety_checker
         self._mode_pipelines: dict[str, object] = {}
         self.speed = speed.SpeedState()  # what the fast path did (set in load)
+        self.loras: loras.StyleLoras | None = None  # style LoRAs (set in load, for the models that take them)
+        # A1111 weights and long prompts for the CLIP families (None: the pipeline reads plain text only)
+        self.prompts = PromptEncoder(pipe, model.prompt_encoding) if model.prompt_encoding else None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -117,6 +124,8 @@ class Engine:
         with weights_problems(model, root):
             engine = cls._load(model, Path(root), runtime)
         engine.speed = speed.apply_speedups(engine.pipe, model, runtime)
+        if model.lora_family:
+            engine.loras = loras.StyleLoras(model, engine.pipe, Path(root))
         settings = speed.compile_settings(root, runtime)
         if settings.enabled:
             engine.compile(settings)
@@ -183,7 +192,6 @@ class Engine:
     def pipeline_arguments(self, request: GenerationRequest) -> dict:
         """The one pipeline call a request becomes (shared with the benchmarks and fidelity tests)."""
         arguments = dict(
-            prompt=request.prompt,
             num_images_per_prompt=request.num_outputs,
             width=request.width,
             height=request.height,
@@ -195,8 +203,14 @@ class Engine:
             output_type="pil",
             **self.model.call_options,
         )
-        if request.guidance_scale > 1:
-            arguments["negative_prompt"] = request.negative_prompt
+        negative = request.negative_prompt if request.guidance_scale > 1 else None  # diffusers reads it only then
+        # Embeddings when a text has A1111 syntax or more than 75 tokens; otherwise the text, as the model card does.
+        # (Style LoRAs fuse into the text encoders too: embeddings made under other LoRAs are not reused.)
+        lora_state = self.loras.applied if self.loras is not None else ()
+        embeddings = self.prompts.pipeline_arguments(request.prompt, negative, lora_state) if self.prompts else {}
+        arguments |= embeddings or {"prompt": request.prompt}
+        if negative is not None and not embeddings:
+            arguments["negative_prompt"] = negative
         if request.image is not None:
             # One copy per image, so the pipeline encodes image i (and, inpainting, the masked image i) with
             # generator i: every image's stream is then the same in a batch as alone (the seeds contract).
@@ -211,18 +225,37 @@ class Engine:
                 del arguments["width"], arguments["height"]
         return arguments
 
-    def generate(self, request: GenerationRequest) -> list[GeneratedImage]:
-        """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all).
+    def generate(self, request: GenerationRequest, stop: Callable[[], bool] | None = None) -> list[GeneratedImage]:
+        """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all). `stop()`
+        true between two steps ends the call with logs.Stopped (a cancelled prediction frees the device).
 
         Out of memory becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or
         cancellation the engine's modules and schedulers are restored, so the worker, which Cog never
         restarts, carries on."""
-        for warning in truncated_prompt_warnings(self.pipe, self.model.title, request):
+        for warning in truncated_prompt_warnings(
+            self.pipe, self.model.title, request, clip_reads_everything=self.prompts is not None
+        ):
             log.warning("%s", warning)
+        for note in prompt_notes(self.model, request):
+            log.info("%s", note)
+        applied = self.apply_loras(request, stop)
         with PredictionGuard(self.modules(), self.schedulers(), request, self.runtime.device):
-            return self._generate(request)
+            generated = self._generate(request, stop)
+        return [dataclasses.replace(item, loras=applied) for item in generated] if applied else generated
 
-    def _generate(self, request: GenerationRequest) -> list[GeneratedImage]:
+    def apply_loras(
+        self, request: GenerationRequest, stop: Callable[[], bool] | None = None
+    ) -> tuple[loras.AppliedLora, ...]:
+        """Fuse the request's style LoRAs into the model (and remove the last prediction's): nothing to do when they
+        are the same as the last prediction's. A LoRA that cannot be used is a LoraError, the model unchanged;
+        `stop()` true ends a download or a load (logs.Stopped, the model restored)."""
+        if self.loras is None:
+            if request.loras:
+                raise loras.LoraError(f"{self.model.title} takes no style LoRA (models that do: {loras.able_models()}).")
+            return ()
+        return self.loras.apply(request.loras, stop)
+
+    def _generate(self, request: GenerationRequest, stop: Callable[[], bool] | None) -> list[GeneratedImage]:
         pipe = self.pipeline_for(request.mode)
         arguments = self.pipeline_arguments(request)
         steps = f"{request.num_inference_steps} steps"
@@ -236,7 +269,7 @@ class Engine:
             request.num_outputs, request.mode, request.width, request.height, steps,
             request.guidance_scale, ", ".join(map(str, request.seeds)),
         )
-        progress = logs.StepProgress(request.steps_run).pipeline_arguments(pipe)
+        progress = logs.StepProgress(request.steps_run, stop=stop).pipeline_arguments(pipe)
         noise_source = getattr(pipe.scheduler, "noise_generators", None)
         with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
             images = pipe(**arguments, **progress).images
@@ -245,17 +278,20 @@ class Engine:
             images = [Image.composite(image, request.image, request.mask) for image in images]
         return self._screen([GeneratedImage(image, seed) for image, seed in zip(images, request.seeds)], request)
 
-    def _screen(self, generated: list[GeneratedImage], request: GenerationRequest) -> list[GeneratedImage]:
+    def _screen(
+        self, generated: list[GeneratedImage], request: GenerationRequest, say: logs.Say = log.log
+    ) -> list[GeneratedImage]:
         """Leave out what the safety checker flags; fail only when that is every image."""
         if self.safety_checker is None:
             return generated
         if not request.safety_checker:
-            log.info("Safety checker disabled for this prediction (disable_safety_checker)")
+            say(logging.INFO, "Safety checker disabled for this prediction (disable_safety_checker)")
             return generated
         flags = self.safety_checker.flags([item.image for item in generated])
         kept = [item for item, flagged in zip(generated, flags) if not flagged]
         if len(kept) < len(generated):
-            log.warning(
+            say(
+                logging.WARNING,
                 "Safety checker: %d of %d image(s) flagged as potentially NSFW and left out (seeds %s)",
                 len(generated) - len(kept), len(generated),
                 ", ".join(str(item.seed) for item, flagged in zip(generated, flags) if flagged),
@@ -263,3 +299,73 @@ class Engine:
         if not kept:
             raise ImagesFlagged(len(generated))
         return kept
+
+    # -- several predictions in one call (flashsd.batching decides who runs with whom) --------------------------
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        """Requests with equal keys can share one pipeline call: text-to-image at the same size, steps, guidance,
+        images per prompt and style LoRAs (prompts may differ). A request with an image, or a prompt that needs
+        its own embeddings (A1111 weights, more than 75 tokens), gets a key of its own and runs alone."""
+        texts = [request.prompt] + ([request.negative_prompt] if request.guidance_scale > 1 else [])
+        if request.image is not None or (self.prompts and any(map(self.prompts.needs_embeddings, texts))):
+            return ("alone", id(request))
+        return (
+            request.width, request.height, request.num_inference_steps, request.guidance_scale,
+            request.num_outputs, request.loras,
+        )  # fmt: skip
+
+    def batch_budget(self, key: Hashable) -> int:
+        """How many images one shared call of `key` may hold: FLASHSD_BATCH_MEGAPIXELS of images (default 4.2, four
+        1024x1024 images: what the largest single prediction already asks of the GPU), half as many with guidance
+        (each image is computed twice). A request larger than that still runs, alone."""
+        if key[0] == "alone":
+            return 1
+        width, height, _, guidance = key[:4]
+        megapixels = float(os.environ.get("FLASHSD_BATCH_MEGAPIXELS") or DEFAULT_BATCH_MEGAPIXELS)
+        return max(1, int(megapixels * 1e6 // (width * height * (2 if guidance > 1 else 1))))
+
+    def generate_together(
+        self,
+        requests: Sequence[GenerationRequest],
+        says: Sequence[logs.Say],
+        stop: Callable[[], bool] | None = None,
+    ) -> list[list[GeneratedImage] | Exception]:
+        """Requests of one batch_key as one pipeline call. Each keeps its own generators (so its images equal those
+        it gets alone), seeds, safety verdicts and log lines (`says[i]` logs as request i's); a request whose every
+        image is flagged gets its ImagesFlagged, the others their images. `stop()` true between steps ends the call
+        (logs.Stopped). A failure of the call is raised for the caller to retry the requests one by one."""
+        first = requests[0]
+        for request, say in zip(requests, says):
+            for warning in truncated_prompt_warnings(
+                self.pipe, self.model.title, request, clip_reads_everything=self.prompts is not None
+            ):
+                say(logging.WARNING, "%s", warning)
+            for note in prompt_notes(self.model, request):
+                say(logging.INFO, "%s", note)
+            say(
+                logging.INFO, "Generating %d image(s) (text-to-image) at %dx%d, %d steps, guidance %g; seeds %s; "
+                "in one call with %d other prediction(s)", request.num_outputs, request.width, request.height,
+                request.num_inference_steps, request.guidance_scale, ", ".join(map(str, request.seeds)),
+                len(requests) - 1,
+            )  # fmt: skip
+        applied = self.apply_loras(first, stop)
+        arguments = self.pipeline_arguments(first)
+        arguments["prompt"] = [request.prompt for request in requests]
+        if first.guidance_scale > 1:
+            arguments["negative_prompt"] = [request.negative_prompt for request in requests]
+        # diffusers orders images prompt by prompt, each prompt's num_images_per_prompt together: so do the generators.
+        arguments["generator"] = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.seeds]
+        progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(self.pipe)
+        noise_source = getattr(self.pipe.scheduler, "noise_generators", None)
+        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device):
+            with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
+                images = self.pipe(**arguments, **progress).images
+        results: list[list[GeneratedImage] | Exception] = []
+        for index, (request, say) in enumerate(zip(requests, says)):
+            mine = images[index * first.num_outputs : (index + 1) * first.num_outputs]
+            generated = [GeneratedImage(image, seed, applied) for image, seed in zip(mine, request.seeds)]
+            try:
+                results.append(self._screen(generated, request, say))
+            except ImagesFlagged as flagged:
+                results.append(flagged)
+        return results

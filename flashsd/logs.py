@@ -15,6 +15,7 @@ import inspect
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -45,17 +46,31 @@ def leave_out_known_noise() -> None:
             logger.addFilter(_LeaveOut(pattern))
 
 
-class StepProgress:
-    """Logs a tqdm-format line after each denoising step of one pipeline call."""
+class Stopped(Exception):
+    """A pipeline call stopped between steps because no prediction waits for its images any more."""
 
-    def __init__(self, total: int):
+
+Say = Callable[..., None]  # logging.Logger.log's signature: (level, message, *args)
+
+
+class StepProgress:
+    """Logs a tqdm-format line after each denoising step of one pipeline call, through each of `says` (one per
+    prediction sharing the call; default: the flashsd logger), and stops the call when `stop()` says so."""
+
+    def __init__(self, total: int, says: Sequence[Say] = (), stop: Callable[[], bool] | None = None):
         self.total = total
         self.done = 0
         self.started = time.perf_counter()
+        self.says = list(says) or [log.log]
+        self.stop = stop
 
     def step(self) -> None:
         self.done += 1
-        log.info("%s", tqdm.format_meter(self.done, self.total, time.perf_counter() - self.started))
+        line = tqdm.format_meter(self.done, self.total, time.perf_counter() - self.started)
+        for say in self.says:
+            say(logging.INFO, "%s", line)
+        if self.stop is not None and self.done < self.total and self.stop():
+            raise Stopped(f"stopped after step {self.done} of {self.total}: no prediction waits for these images")
 
     def pipeline_arguments(self, pipe) -> dict:
         """The call arguments that make `pipe` report each step: diffusers' `callback_on_step_end`, or the older

@@ -84,6 +84,12 @@ class FlashModel:
     # Adapter layers that name modules of the trainer's own model, which the base pipeline does not have: the
     # card's loader skips them, and so does flashsd (one log line); any other layer that does not land is an error.
     adapter_foreign_layers: tuple[str, ...] = ()
+    # How flashsd encodes a prompt with A1111 weights or over 75 tokens for this family's CLIP text encoders
+    # (flashsd.prompts.FAMILIES); None: the pipeline reads every prompt as plain text (PixArt's T5).
+    prompt_encoding: Literal["sd", "sdxl", "sd3"] | None = None
+    # The base model family whose LoRAs fit this model (flashsd.loras: style LoRAs, fused on top of the Flash
+    # adapter); None: style LoRAs are refused (diffusers has no LoRA loader for PixArt-α's pipeline).
+    lora_family: str | None = None
 
     @property
     def repos(self) -> tuple[HubRepo, ...]:
@@ -120,6 +126,8 @@ SDXL = FlashModel(
     inpaint_pipeline="StableDiffusionXLInpaintPipeline",
     denoiser="unet",
     scheduler="lcm",
+    prompt_encoding="sdxl",
+    lora_family="SDXL",
     native_size=1024,
     sampler_name="LCM",
     variant="fp16",
@@ -152,6 +160,8 @@ SD3 = FlashModel(
     inpaint_pipeline="StableDiffusion3InpaintPipeline",
     denoiser="transformer",
     scheduler="flash_flow_match",
+    prompt_encoding="sd3",
+    lora_family="SD3",
     native_size=1024,
     sampler_name="Flash flow-match Euler",
     # The Flash SD3 adapter was trained without T5.
@@ -182,6 +192,8 @@ SD15 = FlashModel(
     inpaint_pipeline="StableDiffusionInpaintPipeline",
     denoiser="unet",
     scheduler="lcm",
+    prompt_encoding="sd",
+    lora_family="SD1.5",
     native_size=512,
     sampler_name="LCM",
     variant="fp16",

@@ -1,15 +1,20 @@
 """Turning raw inputs into one validated generation request, with errors meant for a person."""
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 from .errors import InputError
 from .input_images import fit_image, fit_mask, load_image, load_mask, repainted_fraction
 from .models import MODELS, FlashModel
+from .weights import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,9 +35,16 @@ RANDOM_SEED_BOUND = 2**32  # an omitted seed is drawn from [0, 2³²)
 # Image i uses seed + i, up to seed + MAX_OUTPUTS - 1: that must stay at most 2**53 - 1, so the bound (and every seed
 # reported back) is exact in float64 and in JavaScript numbers, as Cog's schema and its clients hold them.
 MAX_SEED = 2**53 - 1 - (MAX_OUTPUTS - 1)
-# Far beyond what the text encoders read (77 CLIP tokens, 120 T5 tokens: a few hundred characters), and small
+# Far beyond what prompts need (CLIP reads them in 75-token chunks, PixArt's T5 its first 120 tokens), and small
 # enough that prompt and negative prompt fit in a JPEG's 64 kB EXIF metadata in any script.
 MAX_PROMPT_CHARS = 5000
+# Style LoRAs (flashsd.loras): scales as cog-flux allows them (its predict.py: lora_scale ge=-1, le=3); distilled
+# models can weaken a style (diffusers #6156), hence room above 1.
+MIN_LORA_SCALE, MAX_LORA_SCALE = -1.0, 3.0
+MAX_LORA_SOURCE_CHARS = 2048
+# Hugging Face repo ids: owner and name of letters, digits, '-', '_', '.' (the hub's own rule, at most 96 each).
+_REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+_HUB_HOSTS = ("huggingface.co", "hf.co")
 
 # A ratio's size may differ from its name by at most this much; the table stays well inside the
 # 2 % the README promises.
@@ -99,6 +111,87 @@ def distinct_sizes(model: FlashModel) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class LoraSource:
+    """Where a LoRA comes from: a URL, or a Hugging Face repo (and file, and revision when the URL named one)."""
+
+    text: str  # as given, stripped: the cache key (a URL's query may hold a key: never shown)
+    url: str | None = None
+    repo: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    @property
+    def shown(self) -> str:
+        """The source as logs and messages say it: a URL without its query, fragment or user info."""
+        if self.url is None:
+            return "/".join(p for p in (self.repo, self.filename) if p)
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def pickle_message(input_name: str, shown: str) -> str:
+    return (
+        f"{input_name}: {shown} is a pickled PyTorch file (.ckpt/.pt/.bin), not a safetensors file. Loading a pickle "
+        "can run arbitrary code, so flashsd reads only .safetensors LoRAs: use the .safetensors version of this LoRA."
+    )
+
+
+def parse_lora_source(text: str, input_name: str) -> LoraSource:
+    """The LoRA source `text` names; InputError (naming `input_name`) when it names none flashsd can fetch."""
+    text = text.strip()
+    forms = (
+        "give the https:// URL of a .safetensors file, a Hugging Face repo as owner/name, or a file in one as "
+        "owner/name/file.safetensors"
+    )
+    if len(text) > MAX_LORA_SOURCE_CHARS:
+        raise InputError(f"{input_name} is {len(text)} characters long (at most {MAX_LORA_SOURCE_CHARS}): {forms}.")
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            shown = f"{parts.scheme}://…" if parts.scheme else repr(text[:40])
+            raise InputError(f"{input_name}={shown} is not an http(s) URL: {forms}.")
+        source = LoraSource(text, url=text)
+        path = unquote(parts.path)
+        if path.lower().endswith(PICKLE_SUFFIXES):
+            raise InputError(pickle_message(input_name, source.shown))
+        # https://huggingface.co/<owner>/<name>/resolve|blob/<revision>/<file>: fetched from the hub (HF_TOKEN).
+        segments = path.strip("/").split("/")
+        if parts.hostname.lower() in _HUB_HOSTS and len(segments) >= 5 and segments[2] in ("resolve", "blob"):
+            repo = "/".join(segments[:2])
+            filename = "/".join(segments[4:])
+            if _REPO_PART.match(segments[0]) and _REPO_PART.match(segments[1]) and filename.endswith(".safetensors"):
+                return LoraSource(text, repo=repo, filename=filename, revision=segments[3])
+        return source
+    parts = text.split("/")
+    shown = text if len(text) <= 120 else text[:117] + "…"
+    if len(parts) < 2 or not all(_REPO_PART.match(p) for p in parts[:2]):
+        raise InputError(f"{input_name}={shown!r} is neither an http(s) URL nor a Hugging Face repo: {forms}.")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    if filename is not None:
+        names = PurePosixPath(filename).parts
+        if any(p in ("", ".", "..") for p in parts[2:]) or not names:
+            raise InputError(f"{input_name}={shown!r} does not name a file inside the repo {repo}: {forms}.")
+        if filename.lower().endswith(PICKLE_SUFFIXES):
+            raise InputError(pickle_message(input_name, text))
+        if not filename.endswith(".safetensors"):
+            raise InputError(f"{input_name}={shown!r} names a file that is not .safetensors: {forms}.")
+    return LoraSource(text, repo=repo, filename=filename)
+
+
+@dataclass(frozen=True)
+class StyleLora:
+    """One LoRA of a request: which input named it, where it comes from, and its scale."""
+
+    input: str  # "lora_weights" or "extra_lora"
+    source: LoraSource
+    scale: float
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str
@@ -114,6 +207,7 @@ class GenerationRequest:
     mask: Image.Image | None = None  # "L", width x height, 255 = repaint, 0 = keep: inpainting
     prompt_strength: float = DEFAULT_PROMPT_STRENGTH  # used only with an image
     safety_checker: bool = True
+    loras: tuple[StyleLora, ...] = ()  # style LoRAs, fused on top of the Flash adapter (flashsd.loras)
 
     @property
     def seeds(self) -> list[int]:
@@ -180,6 +274,10 @@ def build_request(
     output_format: str = "webp",
     output_quality: int = 80,
     disable_safety_checker: bool = False,
+    lora_weights: str | None = "",
+    lora_scale: float = 1.0,
+    extra_lora: str | None = "",
+    extra_lora_scale: float = 1.0,
 ) -> GenerationRequest:
     """Validate everything the user sent; the first problem found is raised as InputError.
 
@@ -193,8 +291,7 @@ def build_request(
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if len(text) > MAX_PROMPT_CHARS:
             raise InputError(
-                f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted. The text encoders "
-                "read only its first 77 tokens (120 with PixArt), a few hundred characters: shorten it."
+                f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted: shorten it."
             )
 
     source = mask_source = None
@@ -239,14 +336,8 @@ def build_request(
     num_outputs = _in_range("num_outputs", num_outputs, 1, MAX_OUTPUTS, int)
     num_inference_steps = _in_range("num_inference_steps", num_inference_steps, 1, MAX_STEPS, int)
     guidance_scale = _in_range("guidance_scale", guidance_scale, 0, MAX_GUIDANCE, float)
-    # diffusers runs classifier-free guidance only above 1; below it a negative prompt would be
-    # dropped without a word, so say so instead.
-    if negative_prompt.strip() and guidance_scale <= 1:
-        raise InputError(
-            f"negative_prompt only has an effect when guidance_scale is above 1 (it is {guidance_scale:g}); "
-            "Flash models are distilled to run without guidance, so either leave negative_prompt empty "
-            "or set guidance_scale above 1."
-        )
+    # A negative prompt with guidance_scale <= 1 is accepted and not used (diffusers runs classifier-free guidance
+    # only above 1): API clients send a default one with every request. The engine logs that it was ignored.
     if seed is None:
         seed = secrets.randbelow(RANDOM_SEED_BOUND)
     seed = _in_range("seed", seed, 0, MAX_SEED, int)
@@ -258,6 +349,8 @@ def build_request(
     prompt_strength = _in_range("prompt_strength", prompt_strength, 0, 1, float)
     if not isinstance(disable_safety_checker, bool):
         raise InputError(f"disable_safety_checker must be true or false, got {disable_safety_checker!r}.")
+    loras = style_loras(model, (("lora_weights", lora_weights, "lora_scale", lora_scale),
+                                ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale)))  # fmt: skip
 
     fitted = fitted_mask = None
     if source is not None:
@@ -288,7 +381,28 @@ def build_request(
         mask=fitted_mask,
         prompt_strength=prompt_strength,
         safety_checker=not disable_safety_checker,
+        loras=loras,
     )
+
+
+def style_loras(model: FlashModel, inputs) -> tuple[StyleLora, ...]:
+    """The style LoRAs of (input, source, scale input, scale) rows: an empty source is no LoRA (its scale is still
+    checked, as Cog always sends one)."""
+    found = []
+    for name, source, scale_name, scale in inputs:
+        scale = _in_range(scale_name, scale, MIN_LORA_SCALE, MAX_LORA_SCALE, float)
+        if source is None or (isinstance(source, str) and not source.strip()):
+            continue
+        if not isinstance(source, str):
+            raise InputError(f"{name} must be text (a URL or a Hugging Face repo), got {type(source).__name__}.")
+        if model.lora_family is None:
+            able = [f"{m.title} ({m.key})" for m in MODELS.values() if m.lora_family]
+            raise InputError(
+                f"{model.title} takes no style LoRA: diffusers has no LoRA loader for its pipeline, so {name} cannot "
+                f"be used with this model. Style LoRAs work with {', '.join(able)}; leave {name} empty here."
+            )
+        found.append(StyleLora(name, parse_lora_source(source, name), scale))
+    return tuple(found)
 
 
 def _check_image_modes(model: FlashModel, mode: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import os
@@ -21,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def declared_concurrency() -> int:
+    """The max of predict()'s @concurrent decorator, read as `cog build` reads it: from the text."""
+    tree = ast.parse((PROJECT_ROOT / "predict.py").read_text())
+    method = next(n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == "predict")
+    decorator = next(d for d in method.decorator_list if getattr(d.func, "id", None) == "concurrent")
+    return next(k.value.value for k in decorator.keywords if k.arg == "max")
 
 
 def decode_data_url(url: str) -> Image.Image:

@@ -25,9 +25,9 @@ class OomPredictor(Predictor):
         state = {"armed": False, "calls": 0}
         generate = engine.generate
 
-        def generate_armed(request):
+        def generate_armed(request, **options):
             state["armed"], state["calls"] = MARKER in request.prompt, 0
-            return generate(request)
+            return generate(request, **options)
 
         def fail_second_call(module, args, kwargs):
             if state["armed"]:

@@ -7,6 +7,7 @@ contract through the real server.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
 import logging
@@ -81,7 +82,9 @@ class Loaded:
         previous = tempfile.tempdir
         tempfile.tempdir = str(self.tmp)
         try:
-            return self.predictor.predict(**{**predictor_defaults(), **SMALL, "prompt": "a lighthouse at dawn", **inputs})
+            return asyncio.run(
+                self.predictor.predict(**{**predictor_defaults(), **SMALL, "prompt": "a lighthouse at dawn", **inputs})
+            )
         finally:
             tempfile.tempdir = previous
 
@@ -286,15 +289,23 @@ def test_cancellation_while_writing_the_images_leaves_no_partial_files(loaded, m
 LONG = "a lighthouse at dawn, oil painting, highly detailed, dramatic clouds, " * 12 + "THE-END-MARKER"
 
 
-@pytest.mark.parametrize("key, encoder, room", [("sdxl", "CLIP", 75), ("sd3", "CLIP", 75), ("sd15", "CLIP", 75), ("pixart", "T5", 119)])
-def test_what_the_text_encoder_cuts_off_a_long_prompt_is_logged(loaded, caplog, key, encoder, room):
-    run = loaded(key)
+def test_what_the_t5_text_encoder_cuts_off_a_long_prompt_is_logged(loaded, caplog):
+    run = loaded("pixart")
     caplog.set_level(logging.WARNING, logger="flashsd")
     run.predict(prompt=LONG, seed=1)
     lines = [r.getMessage() for r in caplog.records if r.name == "flashsd" and "tokens long" in r.getMessage()]
-    assert len(lines) == 1, lines  # SDXL's and SD3's two CLIP tokenizers give one line
-    assert "prompt is " in lines[0] and f"{encoder} text encoder reads only the first {room}" in lines[0]
+    assert len(lines) == 1, lines
+    assert "prompt is " in lines[0] and "T5 text encoder reads only the first 119" in lines[0]
     assert "the rest is ignored: '" in lines[0] and "marker' (" in lines[0].lower() and len(lines[0]) < 600
+
+
+@pytest.mark.parametrize("key", ["sdxl", "sd3", "sd15"])
+def test_clip_models_read_a_long_prompt_whole_in_chunks_and_log_no_cut(loaded, caplog, key):
+    caplog.set_level(logging.INFO, logger="flashsd")
+    loaded(key).predict(prompt=LONG, seed=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "flashsd"]
+    assert not [line for line in lines if "tokens long" in line]
+    assert [line for line in lines if line.startswith("prompt: ") and " chunk(s) of up to 75" in line]
 
 
 def test_a_short_prompt_logs_no_truncation(loaded, caplog):
@@ -305,7 +316,9 @@ def test_a_short_prompt_logs_no_truncation(loaded, caplog):
 
 def test_negative_prompt_truncation_is_logged_only_when_it_is_used(loaded, caplog):
     caplog.set_level(logging.WARNING, logger="flashsd")
-    loaded("sd15").predict(prompt="a cat", negative_prompt=LONG, guidance_scale=2, seed=1)
+    loaded("pixart").predict(prompt="a cat", negative_prompt=LONG, guidance_scale=1, seed=1)
+    assert not any(r.getMessage().startswith("negative_prompt is ") for r in caplog.records)
+    loaded("pixart").predict(prompt="a cat", negative_prompt=LONG, guidance_scale=2, seed=1)
     assert any(r.getMessage().startswith("negative_prompt is ") for r in caplog.records)
 
 

@@ -63,7 +63,7 @@ def test_quality_changes_lossy_files(tmp_path, fmt):
 
 
 def test_without_guidance_no_negative_prompt_is_recorded(tmp_path):
-    request = build_request(SDXL, prompt="x", seed=1, output_format="png")
+    request = build_request(SDXL, prompt="x", negative_prompt="blurry", guidance_scale=1, seed=1, output_format="png")
     (path,) = write_outputs([GeneratedImage(noisy_image(), 1)], request, SDXL, tmp_path)
     assert "Negative prompt" not in read_settings(path)
 

@@ -1,5 +1,6 @@
 """The Cog Predictor in-process: setup from a weights root, predict() end to end, missing weights."""
 
+import asyncio
 import inspect
 import logging
 import time
@@ -19,6 +20,11 @@ def all_inputs(**overrides):
         if name != "self"
     }
     return {**defaults, **overrides}
+
+
+def run(predictor, **inputs):
+    """predict() as coglet calls it: a coroutine on an event loop."""
+    return asyncio.run(predictor.predict(**inputs))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def test_setup_loads_the_model_named_by_the_environment(predictor):
 
 def test_predict_returns_one_file_per_image_with_seeds_in_logs_and_metadata(predictor, caplog):
     with caplog.at_level(logging.INFO, logger="flashsd"):
-        paths = predictor.predict(
+        paths = run(predictor, 
             **all_inputs(
                 prompt="a cat",
                 aspect_ratio="custom",
@@ -63,15 +69,15 @@ def test_predict_returns_one_file_per_image_with_seeds_in_logs_and_metadata(pred
 
 
 def test_the_previous_predictions_files_are_removed_when_the_next_starts(predictor):
-    first = predictor.predict(**all_inputs(prompt="a", aspect_ratio="custom", width=64, height=64, seed=1))
-    second = predictor.predict(**all_inputs(prompt="a", aspect_ratio="custom", width=64, height=64, seed=1))
+    first = run(predictor, **all_inputs(prompt="a", aspect_ratio="custom", width=64, height=64, seed=1))
+    second = run(predictor, **all_inputs(prompt="a", aspect_ratio="custom", width=64, height=64, seed=1))
     assert not first[0].exists() and second[0].exists()
     assert first[0].name != second[0].name
 
 
 def test_bad_input_raises_a_readable_error_before_any_work(predictor):
     with pytest.raises(InputError, match="nearest valid width is 96 or 112"):
-        predictor.predict(**all_inputs(prompt="a", aspect_ratio="custom", width=100, height=64))
+        run(predictor, **all_inputs(prompt="a", aspect_ratio="custom", width=100, height=64))
 
 
 def test_every_input_has_a_description():
