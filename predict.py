@@ -5,6 +5,7 @@ FLASHSD_WEIGHTS (default: weights/ beside this file). Up to 4 predictions run at
 `cog build` writes into the image as COG_MAX_CONCURRENCY, the variable coglet reads; `make serve` sets it):
 compatible ones share one pipeline call (flashsd.batching), the blocking work runs off coglet's event loop.
 """
+
 import asyncio
 import logging
 import os
@@ -60,20 +61,40 @@ class Predictor(BasePredictor):
         ),
         prompt_strength: float = Input(
             description="With an image: how much of it is repainted, 0-1. The last floor(num_inference_steps x prompt_strength) steps run (at least one); 1 starts from pure noise. Ignored without image.",
-            ge=0, le=1, default=0.8,
+            ge=0,
+            le=1,
+            default=0.8,
         ),
         aspect_ratio: str = Input(
             description="Width:height of the image, at about the model's native area (1024x1024 for SDXL, SD3 and PixArt; 512x512 for SD1.5). 'match_input_image' keeps the ratio of image (1:1 without one); 'custom' uses width and height. An image of another ratio is centre-cropped to it.",
-            choices=["match_input_image", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "21:9", "9:21", "custom"],
+            choices=[
+                "match_input_image",
+                "1:1",
+                "16:9",
+                "9:16",
+                "3:2",
+                "2:3",
+                "4:3",
+                "3:4",
+                "5:4",
+                "4:5",
+                "21:9",
+                "9:21",
+                "custom",
+            ],
             default="match_input_image",
         ),
         width: Optional[int] = Input(
             description="Image width in pixels, with aspect_ratio 'custom': 64-2048, a multiple of 16.",
-            ge=64, le=2048, default=None,
+            ge=64,
+            le=2048,
+            default=None,
         ),
         height: Optional[int] = Input(
             description="Image height in pixels, with aspect_ratio 'custom': 64-2048, a multiple of 16.",
-            ge=64, le=2048, default=None,
+            ge=64,
+            le=2048,
+            default=None,
         ),
         num_outputs: int = Input(description="How many images to generate.", ge=1, le=4, default=1),
         num_inference_steps: int = Input(
@@ -81,15 +102,17 @@ class Predictor(BasePredictor):
         ),
         guidance_scale: float = Input(
             description="Classifier-free guidance. Flash models are distilled for 0 (off); above 1 it doubles the work and enables negative_prompt.",
-            ge=0, le=10, default=0,
+            ge=0,
+            le=10,
+            default=0,
         ),
         seed: Optional[int] = Input(
             description="Random seed; image i of the batch uses seed + i. Leave empty for a random seed.",
-            ge=0, le=9007199254740988, default=None,
+            ge=0,
+            le=9007199254740988,
+            default=None,
         ),
-        output_format: str = Input(
-            description="Image file format.", choices=["webp", "jpg", "png"], default="webp"
-        ),
+        output_format: str = Input(description="Image file format.", choices=["webp", "jpg", "png"], default="webp"),
         output_quality: int = Input(
             description="Quality of webp and jpg images, 1-100 (ignored for png).", ge=1, le=100, default=80
         ),
@@ -103,7 +126,9 @@ class Predictor(BasePredictor):
         ),
         lora_scale: float = Input(
             description="Strength of lora_weights: 1 as trained, 0 off, negative to push away from its style. Distilled models can weaken a style: try values above 1.",
-            ge=-1, le=3, default=1.0,
+            ge=-1,
+            le=3,
+            default=1.0,
         ),
         extra_lora: str = Input(
             description="A second style LoRA, in the same forms as lora_weights, applied together with it.",
@@ -111,7 +136,9 @@ class Predictor(BasePredictor):
         ),
         extra_lora_scale: float = Input(
             description="Strength of extra_lora, as lora_scale.",
-            ge=-1, le=3, default=1.0,
+            ge=-1,
+            le=3,
+            default=1.0,
         ),
     ) -> List[Path]:
         # coglet leaves the input copies of a request it rejected after downloading part of them; remove them.

@@ -27,6 +27,7 @@ tests/test_robustness_http.py runs the same generator (at least 500 requests) in
 (native-size aspect ratios, 4 images at 2048x2048) are cancelled there once running, and run to completion
 here with --full.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PROJECT = Path(__file__).resolve().parent.parent
 import requests  # noqa: E402
@@ -64,7 +66,11 @@ def server_root(folder: Path) -> Path:
             link.symlink_to(PROJECT / name)
     schema = subprocess.run(
         [sys.executable, str(PROJECT / "scripts" / "openapi-schema"), "--stdout"],
-        cwd=PROJECT, capture_output=True, text=True, check=True, timeout=300,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     ).stdout
     (folder / ".cog").mkdir(exist_ok=True)
     (folder / ".cog" / "openapi_schema.json").write_text(schema)
@@ -237,11 +243,23 @@ def _wrong_types(kind: str) -> list[tuple[str, Any]]:
     if kind == "string":
         return base + [("integer", 5), ("float", 1.5)]
     if kind == "integer":
-        return base + [("string", "3"), ("float", 1.5), ("float-integral", 2.0), ("empty string", ""),
-                       ("2^64", 2**64), ("-2^63-1", -(2**63) - 1), ("1e308", 1e308)]
+        return base + [
+            ("string", "3"),
+            ("float", 1.5),
+            ("float-integral", 2.0),
+            ("empty string", ""),
+            ("2^64", 2**64),
+            ("-2^63-1", -(2**63) - 1),
+            ("1e308", 1e308),
+        ]
     if kind == "number":
-        return base + [("string", "0.5"), ("NaN string", "NaN"), ("inf string", "Infinity"), ("1e308", 1e308),
-                       ("-1e308", -1e308)]
+        return base + [
+            ("string", "0.5"),
+            ("NaN string", "NaN"),
+            ("inf string", "Infinity"),
+            ("1e308", 1e308),
+            ("-1e308", -1e308),
+        ]
     if kind == "boolean":
         return [("null", None), ("string", "true"), ("integer", 1), ("list", [True])]
     return base
@@ -295,8 +313,14 @@ class Generator:
             for label, value in _wrong_types(kind):
                 cases.append(Case(f"{name}: {label}", self.with_(**{name: value}), names=(name,)))
             if name not in self.required:
-                cases.append(Case(f"{name}: omitted", self.with_(**{name: _DROP}), names=(name,),
-                                  heavy=heavy or (name in ("width", "height") and "aspect_ratio" in self.base)))
+                cases.append(
+                    Case(
+                        f"{name}: omitted",
+                        self.with_(**{name: _DROP}),
+                        names=(name,),
+                        heavy=heavy or (name in ("width", "height") and "aspect_ratio" in self.base),
+                    )
+                )
             else:
                 cases.append(Case(f"{name}: missing", self.with_(**{name: _DROP}), names=(name,)))
             if "enum" in prop:
@@ -306,14 +330,25 @@ class Generator:
                         valid = self.with_(**{name: choice, "width": _DROP, "height": _DROP})
                     cases.append(Case(f"{name}: {choice!r}", valid, names=(name,), heavy=heavy and choice != "custom"))
                 first = prop["enum"][0]
-                for label, value in [("empty", ""), ("space", " "), ("upper case", str(first).upper() + "X"),
-                                     ("padded", f" {first} "), ("emoji", "🙂"), ("long", "x" * 10_000)]:
+                for label, value in [
+                    ("empty", ""),
+                    ("space", " "),
+                    ("upper case", str(first).upper() + "X"),
+                    ("padded", f" {first} "),
+                    ("emoji", "🙂"),
+                    ("long", "x" * 10_000),
+                ]:
                     cases.append(Case(f"{name}: bad choice {label}", self.with_(**{name: value}), names=(name,)))
             if kind in ("integer", "number") and "minimum" in prop and "maximum" in prop:
                 low, high = prop["minimum"], prop["maximum"]
                 step = 1 if kind == "integer" else 0.001
-                for label, value in [("minimum", low), ("maximum", high), ("below minimum", low - step),
-                                     ("above maximum", high + step), ("negative", -abs(high) - 1)]:
+                for label, value in [
+                    ("minimum", low),
+                    ("maximum", high),
+                    ("below minimum", low - step),
+                    ("above maximum", high + step),
+                    ("negative", -abs(high) - 1),
+                ]:
                     cases.append(Case(f"{name}: {label} {value}", self.with_(**{name: value}), names=(name,)))
                 if kind == "integer" and high - low > 16:
                     for value in self.random.sample(range(int(low), int(high) + 1), 3):
@@ -332,15 +367,21 @@ class Generator:
             ("truncated data url", self.file("data:image/png;base64,AAAA", not_image)),
             ("text data url", self.file("data:text/plain;base64," + base64.b64encode(b"hello").decode(), not_image)),
             ("bad base64", self.file("data:image/png;base64,@@@@", not_image)),
-            ("unreachable http", self.file(f"http://127.0.0.1:{self.closed}/x.png",
-                                           Upload("Input validation error", before_predict=True))),
+            (
+                "unreachable http",
+                self.file(
+                    f"http://127.0.0.1:{self.closed}/x.png", Upload("Input validation error", before_predict=True)
+                ),
+            ),
             ("unsupported scheme", self.file("ftp://127.0.0.1/x.png", unreadable)),
             ("local file", self.file("file:///etc/passwd", unreadable)),  # never read from the disk
             ("1x1 image", self.png((1, 1))),
             ("very wide image", self.png((4000, 16))),
             ("palette with alpha", self.png((64, 64), 3, "P")),
         ]
-        return [Case(f"{name}: {label}", self.with_(**other, **{name: value}), names=(name,)) for label, value in values]
+        return [
+            Case(f"{name}: {label}", self.with_(**other, **{name: value}), names=(name,)) for label, value in values
+        ]
 
     def file(self, value: str, upload: Upload) -> str:
         self.uploads[value] = upload
@@ -365,8 +406,13 @@ class Generator:
             expect = long_log if long and len(text) <= 5000 else None
             cases.append(Case(f"prompt: {label}", self.with_(prompt=text), names=("prompt",), expect_log=expect))
             if "negative_prompt" in self.properties and "guidance_scale" in self.properties:
-                cases.append(Case(f"negative_prompt: {label}", self.with_(negative_prompt=text, guidance_scale=2),
-                                  names=("negative_prompt",)))
+                cases.append(
+                    Case(
+                        f"negative_prompt: {label}",
+                        self.with_(negative_prompt=text, guidance_scale=2),
+                        names=("negative_prompt",),
+                    )
+                )
         return self.expecting(cases)
 
     # -- across fields --
@@ -382,22 +428,35 @@ class Generator:
                 Case("size not a multiple of 16", self.with_(width=100), names=("width",)),
                 Case("widest", self.with_(width=2048, height=64), names=("width",)),
                 Case("tallest", self.with_(width=64, height=2048), names=("height",)),
-                Case("4 images at the largest size",
-                     self.with_(width=2048, height=2048, num_outputs=4, output_format="jpg"),
-                     names=("num_outputs", "width"), heavy=True),
+                Case(
+                    "4 images at the largest size",
+                    self.with_(width=2048, height=2048, num_outputs=4, output_format="jpg"),
+                    names=("num_outputs", "width"),
+                    heavy=True,
+                ),
             ]
         if {"negative_prompt", "guidance_scale"} <= set(p):
             cases += [
-                Case("negative prompt without guidance", self.with_(negative_prompt="blurry", guidance_scale=0),
-                     names=("negative_prompt", "guidance_scale")),
-                Case("negative prompt at guidance 1", self.with_(negative_prompt="blurry", guidance_scale=1),
-                     names=("negative_prompt", "guidance_scale")),
-                Case("guidance 10 with a negative prompt", self.with_(negative_prompt="blurry", guidance_scale=10),
-                     names=("guidance_scale",)),
+                Case(
+                    "negative prompt without guidance",
+                    self.with_(negative_prompt="blurry", guidance_scale=0),
+                    names=("negative_prompt", "guidance_scale"),
+                ),
+                Case(
+                    "negative prompt at guidance 1",
+                    self.with_(negative_prompt="blurry", guidance_scale=1),
+                    names=("negative_prompt", "guidance_scale"),
+                ),
+                Case(
+                    "guidance 10 with a negative prompt",
+                    self.with_(negative_prompt="blurry", guidance_scale=10),
+                    names=("guidance_scale",),
+                ),
             ]
         if "seed" in p and "num_outputs" in p:
-            cases.append(Case("largest seed, 4 images", self.with_(seed=p["seed"]["maximum"], num_outputs=4),
-                              names=("seed",)))
+            cases.append(
+                Case("largest seed, 4 images", self.with_(seed=p["seed"]["maximum"], num_outputs=4), names=("seed",))
+            )
             cases.append(Case("seed 0", self.with_(seed=0), names=("seed",)))
         if {"image", "mask"} <= set(p):
             cases += [
@@ -405,8 +464,11 @@ class Generator:
                 Case("inpainting", self.with_(image=self.png(), mask=self.png((64, 64), 255, "L")), names=("mask",)),
                 Case("mask without image", self.with_(mask=self.png((64, 64), 255, "L")), names=("mask", "image")),
                 Case("black mask", self.with_(image=self.png(), mask=self.png((64, 64), 0, "L")), names=("mask",)),
-                Case("mask of another size", self.with_(image=self.png(), mask=self.png((32, 48), 255, "L")),
-                     names=("mask",)),
+                Case(
+                    "mask of another size",
+                    self.with_(image=self.png(), mask=self.png((32, 48), 255, "L")),
+                    names=("mask",),
+                ),
             ]
         cases += [
             Case("unknown field", self.with_(foo=1), names=("foo",)),
@@ -495,20 +557,44 @@ class Generator:
         cases += [
             Case("body: text/plain", body=valid, headers={"Content-Type": "text/plain"}, expect="415"),
             Case("body: no content type", body=valid, headers={}, expect="422"),  # read as no input at all
-            Case("body: form encoded", body=b"prompt=a+cat", headers={"Content-Type": "application/x-www-form-urlencoded"},
-                 expect="415"),
-            Case("body: bad webhook", body=json.dumps({"input": self.base, "webhook": "not a url"}).encode(), headers=j,
-                 expect=valid_outcome),
-            Case("body: unreachable webhook",
-                 body=json.dumps({"input": self.base, "webhook": f"http://127.0.0.1:{self.closed}/hook"}).encode(), headers=j,
-                 expect=valid_outcome),
-            Case("body: bad webhook filter",
-                 body=json.dumps({"input": self.base, "webhook_events_filter": ["bogus"]}).encode(), headers=j,
-                 expect="422"),
-            Case("body: path-like id", body=json.dumps({"input": self.base, "id": "../../etc/passwd"}).encode(), headers=j,
-                 expect=valid_outcome),
-            Case("body: output_file_prefix", body=json.dumps({"input": self.base, "output_file_prefix": f"http://127.0.0.1:{self.closed}/"}).encode(), headers=j,
-                 expect=valid_outcome),
+            Case(
+                "body: form encoded",
+                body=b"prompt=a+cat",
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                expect="415",
+            ),
+            Case(
+                "body: bad webhook",
+                body=json.dumps({"input": self.base, "webhook": "not a url"}).encode(),
+                headers=j,
+                expect=valid_outcome,
+            ),
+            Case(
+                "body: unreachable webhook",
+                body=json.dumps({"input": self.base, "webhook": f"http://127.0.0.1:{self.closed}/hook"}).encode(),
+                headers=j,
+                expect=valid_outcome,
+            ),
+            Case(
+                "body: bad webhook filter",
+                body=json.dumps({"input": self.base, "webhook_events_filter": ["bogus"]}).encode(),
+                headers=j,
+                expect="422",
+            ),
+            Case(
+                "body: path-like id",
+                body=json.dumps({"input": self.base, "id": "../../etc/passwd"}).encode(),
+                headers=j,
+                expect=valid_outcome,
+            ),
+            Case(
+                "body: output_file_prefix",
+                body=json.dumps(
+                    {"input": self.base, "output_file_prefix": f"http://127.0.0.1:{self.closed}/"}
+                ).encode(),
+                headers=j,
+                expect=valid_outcome,
+            ),
         ]
         return cases
 
@@ -528,8 +614,9 @@ class Generator:
                     elif case.inputs[k] != self.base.get(k, _DROP):
                         inputs[k] = case.inputs[k]
             names = tuple(sorted({n for c in picked for n in c.names}))
-            cases.append(Case(f"mix {i}: " + " + ".join(c.name for c in picked), inputs, names=names,
-                              heavy=self.heavy(inputs)))
+            cases.append(
+                Case(f"mix {i}: " + " + ".join(c.name for c in picked), inputs, names=names, heavy=self.heavy(inputs))
+            )
         return self.expecting(cases)
 
     def heavy(self, inputs: dict) -> bool:
@@ -582,8 +669,9 @@ class Generator:
             "boolean": lambda v: isinstance(v, bool),
             "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
             # JSON Schema: a number with no fractional part is an integer (2.0 passes, 1.5 does not)
-            "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
-            or (isinstance(v, float) and v.is_integer()),
+            "integer": lambda v: (
+                (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+            ),
         }
         for name, value in inputs.items():
             prop = self.properties.get(name)
@@ -666,8 +754,13 @@ class Generator:
         for label, text in hostile_prompt_values():
             cases.append(Case(f"prompt syntax: {label}", self.with_(prompt=text), names=("prompt",)))
             if label in NEGATIVE_HOSTILE and {"negative_prompt", "guidance_scale"} <= set(self.properties):
-                cases.append(Case(f"negative_prompt syntax: {label}", self.with_(negative_prompt=text, guidance_scale=2),
-                                  names=("negative_prompt",)))
+                cases.append(
+                    Case(
+                        f"negative_prompt syntax: {label}",
+                        self.with_(negative_prompt=text, guidance_scale=2),
+                        names=("negative_prompt",),
+                    )
+                )
         from flashsd.models import MODELS
 
         overflow = "(" * 8 + "a lighthouse:" + "9" * 308 + ")" * 8  # 1e308 x 1.1^7: infinite
@@ -677,8 +770,14 @@ class Generator:
                 # plain text for PixArt. The second name keeps it out of the random mixtures, whose outcomes come
                 # from input_problems alone.
                 expect = f"failed: {name}'s weights are too extreme" if MODELS[self.model].prompt_encoding else ""
-                cases.append(Case(f"{name} syntax: weight past float's range", self.with_(**{name: overflow}, **extra),
-                                  names=(name, "weights"), expect=expect))
+                cases.append(
+                    Case(
+                        f"{name} syntax: weight past float's range",
+                        self.with_(**{name: overflow}, **extra),
+                        names=(name, "weights"),
+                        expect=expect,
+                    )
+                )
         return self.expecting(cases)
 
 
@@ -720,7 +819,9 @@ class Report:
     def problems(self) -> list[str]:
         found = [f"{o.case}: {p}" for o in self.outcomes for p in o.problems]
         if self.worker_pid_after != self.worker_pid_before or not self.server_alive:
-            found.append(f"worker {self.worker_pid_before} replaced by {self.worker_pid_after} (server alive: {self.server_alive})")
+            found.append(
+                f"worker {self.worker_pid_before} replaced by {self.worker_pid_after} (server alive: {self.server_alive})"
+            )
         return found
 
     @property
@@ -728,7 +829,8 @@ class Report:
         """Each case that did not get the outcome it must get: the case, what it had to get, what it got."""
         return [
             f"{o.case}: expected {o.expected}, got {o.kind}{': ' + o.message[:300] if o.message else ''}"
-            for o in self.outcomes if not o.as_expected
+            for o in self.outcomes
+            if not o.as_expected
         ]
 
     @property
@@ -819,7 +921,9 @@ def run_heavy_cancelled(server: CogServer, case: Case, log_marker: str = "Genera
     log_before = len(server.logs())
 
     def put() -> None:
-        result["r"] = requests.put(f"{server.url}/predictions/{prediction_id}", json={"input": case.inputs}, timeout=900)
+        result["r"] = requests.put(
+            f"{server.url}/predictions/{prediction_id}", json={"input": case.inputs}, timeout=900
+        )
 
     thread = threading.Thread(target=put, daemon=True)
     thread.start()
@@ -836,7 +940,11 @@ def run_heavy_cancelled(server: CogServer, case: Case, log_marker: str = "Genera
 
 
 def run_cases(
-    server: CogServer, cases: list[Case], *, full: bool = False, timeout: float = 600,
+    server: CogServer,
+    cases: list[Case],
+    *,
+    full: bool = False,
+    timeout: float = 600,
     progress: Callable[[int, Outcome], None] | None = None,
 ) -> Report:
     report = Report(worker_pid_before=worker_pid(server))
@@ -861,8 +969,17 @@ def run_cases(
             problems.append(f"/health-check says {health} {health_s:.0f} s after the response")
         expected = case.expected(full)
         outcome = Outcome(
-            case.name, response.status_code, kind, message, seconds, health, health_s, first_health, problems,
-            expected=" | ".join(expected), as_expected=meets(expected, kind, message),
+            case.name,
+            response.status_code,
+            kind,
+            message,
+            seconds,
+            health,
+            health_s,
+            first_health,
+            problems,
+            expected=" | ".join(expected),
+            as_expected=meets(expected, kind, message),
         )
         report.outcomes.append(outcome)
         if progress:
@@ -902,8 +1019,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         weights = args.weights or build_weights(tmp / "weights", args.model)
         (tmp / "tmp").mkdir()
-        env = {"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": args.model, "TMPDIR": str(tmp / "tmp"),
-               "HF_HUB_OFFLINE": "1"}
+        env = {
+            "FLASHSD_WEIGHTS": str(weights),
+            "FLASHSD_MODEL": args.model,
+            "TMPDIR": str(tmp / "tmp"),
+            "HF_HUB_OFFLINE": "1",
+        }
         with CogServer(env, tmp / "server.log", cwd=server_root(tmp / "root")) as server:
             if server.health() != "READY":
                 print(server.logs()[-3000:], file=sys.stderr)
@@ -913,14 +1034,19 @@ def main(argv: list[str] | None = None) -> int:
             rss_before = rss_mb(worker_pid(server))
 
             def progress(i: int, o: Outcome) -> None:
-                flag = (" PROBLEM" if o.problems else "") + ("" if o.as_expected else f" MISMATCH (expected {o.expected})")
+                flag = (" PROBLEM" if o.problems else "") + (
+                    "" if o.as_expected else f" MISMATCH (expected {o.expected})"
+                )
                 print(f"[{i + 1}/{len(cases)}] {o.kind:>9} {o.seconds:6.2f}s  {o.case[:90]}{flag}", flush=True)
 
             report = run_cases(server, cases, full=args.full, progress=progress)
             missing_logs = [c.name for c in cases if c.expect_log and c.expect_log not in server.logs()]
             summary = report.summary() | {
                 "model": args.model,
-                "worker_rss_mb": [round(rss_before), round(rss_mb(worker_pid(server))) if report.server_alive else None],
+                "worker_rss_mb": [
+                    round(rss_before),
+                    round(rss_mb(worker_pid(server))) if report.server_alive else None,
+                ],
                 "full": args.full,
             }
         print(json.dumps(summary, indent=2))
@@ -931,8 +1057,14 @@ def main(argv: list[str] | None = None) -> int:
         if missing_logs:
             print("no log line about a long prompt for:", missing_logs)
         if args.json:
-            args.json.write_text(json.dumps({"summary": summary, "outcomes": [o.__dict__ for o in report.outcomes]},
-                                            indent=1, ensure_ascii=False, default=str))
+            args.json.write_text(
+                json.dumps(
+                    {"summary": summary, "outcomes": [o.__dict__ for o in report.outcomes]},
+                    indent=1,
+                    ensure_ascii=False,
+                    default=str,
+                )
+            )
         return 1 if report.problems or report.mismatches or missing_logs else 0
 
 

@@ -109,7 +109,9 @@ def predict_overhead(predictor, size: int, repeats: int, batches=(1, 4)) -> dict
         def diffusers_call():
             images[0] = plain_call(engine, request)
 
-        times = medians({"diffusers": diffusers_call, "predict": lambda: asyncio.run(predictor.predict(**inputs))}, repeats)
+        times = medians(
+            {"diffusers": diffusers_call, "predict": lambda: asyncio.run(predictor.predict(**inputs))}, repeats
+        )
         generated = engine.generate(request)
         with tempfile.TemporaryDirectory() as tmp:
             encode = medians({"encode": lambda: write_outputs(generated, request, model, Path(tmp))}, repeats)["encode"]

@@ -14,6 +14,7 @@ Weights: real ones (FLASHSD_WEIGHTS or weights/) where complete for a model, els
 built into a temporary folder; the JSON says which. On tiny weights the model-dependent figures measure
 flashsd's own overhead against a very small model, not the real models' speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,26 +45,50 @@ RESULTS = common.PROJECT / "bench" / "results"
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="default",
-                        help=f"comma-separated from {', '.join(SECTIONS)}; 'all'; default: all on a GPU, all but "
-                             "layout and compile on a CPU")
-    parser.add_argument("--model", default=os.environ.get("FLASHSD_MODEL") or "sdxl",
-                        help="model of the single-model sections (evaluations, predict, setup, http)")
-    parser.add_argument("--models", default="sdxl,sd3,sd15,pixart",
-                        help="models of the per-model sections (stages, throughput, layout, compile)")
-    parser.add_argument("--weights", default="auto", help="auto | tiny | sd15-size (random weights at SD1.5's sizes, "
-                        "with --model sd15 --models sd15) | a weights folder")
-    parser.add_argument("--size", type=int, default=1024 if cuda else 256, help="square image size (default: 1024 "
-                        "on a GPU, 256 on a CPU)")
+    parser.add_argument(
+        "--sections",
+        default="default",
+        help=f"comma-separated from {', '.join(SECTIONS)}; 'all'; default: all on a GPU, all but "
+        "layout and compile on a CPU",
+    )
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("FLASHSD_MODEL") or "sdxl",
+        help="model of the single-model sections (evaluations, predict, setup, http)",
+    )
+    parser.add_argument(
+        "--models",
+        default="sdxl,sd3,sd15,pixart",
+        help="models of the per-model sections (stages, throughput, layout, compile)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        help="auto | tiny | sd15-size (random weights at SD1.5's sizes, "
+        "with --model sd15 --models sd15) | a weights folder",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=1024 if cuda else 256,
+        help="square image size (default: 1024 on a GPU, 256 on a CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=10 if cuda else 5, help="timed repeats; medians are reported")
-    parser.add_argument("--compile-sizes", default="table" if cuda else "one",
-                        help="warm-up sizes of the compile section: 'table' (every aspect ratio, as setup() does) or "
-                             "'one' (--size only)")
-    parser.add_argument("--threads", type=int, default=None if cuda else 1,
-                        help="CPU threads for torch, here and in the subprocesses; 0: torch's own choice (default on "
-                             "a GPU). On a CPU the default is 1: the figures are ratios, and one thread keeps a machine "
-                             "shared with other jobs from thrashing (several OpenMP threads slow down erratically, "
-                             "up to 10x, when another process takes a core)")
+    parser.add_argument(
+        "--compile-sizes",
+        default="table" if cuda else "one",
+        help="warm-up sizes of the compile section: 'table' (every aspect ratio, as setup() does) or "
+        "'one' (--size only)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None if cuda else 1,
+        help="CPU threads for torch, here and in the subprocesses; 0: torch's own choice (default on "
+        "a GPU). On a CPU the default is 1: the figures are ratios, and one thread keeps a machine "
+        "shared with other jobs from thrashing (several OpenMP threads slow down erratically, "
+        "up to 10x, when another process takes a core)",
+    )
     parser.add_argument("--no-grid", action="store_true", help="skip the WebP/PNG settings grid")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON results")
     args = parser.parse_args(argv)
@@ -87,7 +112,11 @@ def _probe(what: str, *arguments: str, timeout: float = 1800) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     done = subprocess.run(
         [sys.executable, "-m", "bench.probe", what, *arguments],
-        cwd=common.PROJECT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=common.PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     for line in done.stdout.splitlines():
         if line.startswith("PROBE-RESULT "):
@@ -170,8 +199,9 @@ class Bench:
 
     def evaluations(self):
         engine = self.engine_for(self.args.model)
-        result = self.pipeline.denoiser_evaluations(engine, self.weights_for(self.args.model).root, self.args.size,
-                                                    self.args.repeats)
+        result = self.pipeline.denoiser_evaluations(
+            engine, self.weights_for(self.args.model).root, self.args.size, self.args.repeats
+        )
         return result, self.pipeline.report_evaluations(result)
 
     def predict(self):
@@ -209,14 +239,16 @@ class Bench:
         }  # fmt: skip
         if "cuda_max_allocated" in probe:
             result["cuda_max_allocated_over_disk"] = round(probe["cuda_max_allocated"] / disk, 2)
-        rows = [("imports (torch, diffusers, cog, flashsd)", f"{probe['import_s']} s"),
-                ("Predictor.setup()", f"{probe['setup_s']} s"),
-                ("weights on disk (safetensors)", _gib(disk)),
-                (f"weights in memory ({probe['dtype']}, {probe['device']})", _gib(probe["weights_in_memory"])),
-                ("RSS after imports", _gib(probe["rss_after_imports"])),
-                ("peak RSS", _gib(probe["peak_rss"])),
-                ("peak RSS / weights on disk (target <= 1.3)", result["peak_rss_over_disk"]),
-                ("(peak RSS - RSS after imports) / weights on disk", result["peak_rss_growth_over_disk"])]
+        rows = [
+            ("imports (torch, diffusers, cog, flashsd)", f"{probe['import_s']} s"),
+            ("Predictor.setup()", f"{probe['setup_s']} s"),
+            ("weights on disk (safetensors)", _gib(disk)),
+            (f"weights in memory ({probe['dtype']}, {probe['device']})", _gib(probe["weights_in_memory"])),
+            ("RSS after imports", _gib(probe["rss_after_imports"])),
+            ("peak RSS", _gib(probe["peak_rss"])),
+            ("peak RSS / weights on disk (target <= 1.3)", result["peak_rss_over_disk"]),
+            ("(peak RSS - RSS after imports) / weights on disk", result["peak_rss_growth_over_disk"]),
+        ]
         if "cuda_max_allocated" in probe:
             rows.append(("peak GPU memory allocated / weights on disk", result["cuda_max_allocated_over_disk"]))
         return result, "\n".join([f"Setup of {key} ({weights.kind} weights), fresh process", table(rows, ("", ""))])
@@ -236,8 +268,20 @@ class Bench:
         sizes = "table" if self.args.compile_sizes == "table" else f"{self.args.size}x{self.args.size}"
         for key in self.args.models:
             cache = tempfile.mkdtemp(prefix=f"flashsd-bench-compile-{key}-")
-            common_args = ("--model", key, "--weights", str(self.weights_for(key).root), "--cache", cache,
-                           "--sizes", sizes, "--size", str(self.args.size), "--repeats", str(max(3, self.args.repeats // 2)))
+            common_args = (
+                "--model",
+                key,
+                "--weights",
+                str(self.weights_for(key).root),
+                "--cache",
+                cache,
+                "--sizes",
+                sizes,
+                "--size",
+                str(self.args.size),
+                "--repeats",
+                str(max(3, self.args.repeats // 2)),
+            )
             try:
                 cold = _probe("compile", *common_args)
                 warm = _probe("compile", *common_args)  # a restarted container: same cache folder, fresh process
@@ -248,9 +292,18 @@ class Bench:
         for key, r in result.items():
             c, w = r["cold"], r["warm_restart"]
             for n in ("1", "4"):
-                rows.append((key, n, c["eager"]["images_per_s"][n], c["compiled"]["images_per_s"][n], c["speedup"][n],
-                             c["compile_and_warm_up_s"] if n == "1" else "", w["compile_and_warm_up_s"] if n == "1" else "",
-                             c["max_pixel_difference_vs_eager"] if n == "1" else ""))
+                rows.append(
+                    (
+                        key,
+                        n,
+                        c["eager"]["images_per_s"][n],
+                        c["compiled"]["images_per_s"][n],
+                        c["speedup"][n],
+                        c["compile_and_warm_up_s"] if n == "1" else "",
+                        w["compile_and_warm_up_s"] if n == "1" else "",
+                        c["max_pixel_difference_vs_eager"] if n == "1" else "",
+                    )
+                )
         text = "\n".join([
             f"Compiled mode (FLASHSD_COMPILE=1) at {self.args.size}x{self.args.size}; warm-up sizes: {sizes}",
             table(rows, ("model", "batch", "eager images/s", "compiled images/s", "speed-up", "compile+warm-up s (cold)",
@@ -263,8 +316,13 @@ class Bench:
         rows = []
         if "predict" in r:
             for n, row in r["predict"]["by_num_outputs"].items():
-                rows.append((f"predict() / diffusers call, {n} image(s) (from overhead alone)",
-                             f"{row['ratio']} ({row['ratio_from_overhead_alone']})", "<= 1.03"))
+                rows.append(
+                    (
+                        f"predict() / diffusers call, {n} image(s) (from overhead alone)",
+                        f"{row['ratio']} ({row['ratio_from_overhead_alone']})",
+                        "<= 1.03",
+                    )
+                )
         if "lora" in r:
             rows.append(("fused-LoRA / base denoiser forward", r["lora"]["fused_over_base"], "<= 1.02"))
             rows.append(("unfused-LoRA / base denoiser forward", r["lora"]["unfused_over_base"], ""))
@@ -277,26 +335,57 @@ class Bench:
             rows.append(("cached-LoRA / no-LoRA prediction", s["prediction"]["ratio"], "<= 1.02"))
         if "evaluations" in r:
             e = r["evaluations"]
-            rows.append(("denoiser evaluations / image: Flash vs base 25-step guided",
-                         f"{e['flash']['rows_per_image']:g} vs {e['base']['rows_per_image']:g} ({e['evaluations_ratio']}x)", "4"))
+            rows.append(
+                (
+                    "denoiser evaluations / image: Flash vs base 25-step guided",
+                    f"{e['flash']['rows_per_image']:g} vs {e['base']['rows_per_image']:g} ({e['evaluations_ratio']}x)",
+                    "4",
+                )
+            )
         if "encode" in r:
             for fmt, v in r["encode"]["formats"].items():
-                rows.append((f"{fmt} encode ms/MP (wall / CPU), q80", f"{v['ms_per_mp']} / {v['cpu_ms_per_mp']}",
-                             "<= 30" if fmt == "webp" else ""))
+                rows.append(
+                    (
+                        f"{fmt} encode ms/MP (wall / CPU), q80",
+                        f"{v['ms_per_mp']} / {v['cpu_ms_per_mp']}",
+                        "<= 30" if fmt == "webp" else "",
+                    )
+                )
         if "setup" in r:
-            rows.append(("setup s / peak RSS over weights on disk", f"{r['setup']['setup_s']} / {r['setup']['peak_rss_over_disk']}",
-                         "<= 1.3x"))
+            rows.append(
+                (
+                    "setup s / peak RSS over weights on disk",
+                    f"{r['setup']['setup_s']} / {r['setup']['peak_rss_over_disk']}",
+                    "<= 1.3x",
+                )
+            )
         if "http" in r:
-            rows.append(("HTTP round trip / predict_time (overhead ms)", f"{r['http']['ratio']} ({r['http']['overhead_ms']})", ""))
+            rows.append(
+                (
+                    "HTTP round trip / predict_time (overhead ms)",
+                    f"{r['http']['ratio']} ({r['http']['overhead_ms']})",
+                    "",
+                )
+            )
         if "throughput" in r:
             for key, t in r["throughput"].items():
-                rows.append((f"{key} images/s at {t['size']}, batch 1 / 4",
-                             " / ".join(str(v) for v in t["images_per_s"].values()), ""))
+                rows.append(
+                    (
+                        f"{key} images/s at {t['size']}, batch 1 / 4",
+                        " / ".join(str(v) for v in t["images_per_s"].values()),
+                        "",
+                    )
+                )
         if "compile" in r:
             for key, c in r["compile"].items():
-                rows.append((f"{key} compiled speed-up batch 1; compile s cold / warm",
-                             f"{c['cold']['speedup']['1']}x; {c['cold']['compile_and_warm_up_s']} / "
-                             f"{c['warm_restart']['compile_and_warm_up_s']}", ""))
+                rows.append(
+                    (
+                        f"{key} compiled speed-up batch 1; compile s cold / warm",
+                        f"{c['cold']['speedup']['1']}x; {c['cold']['compile_and_warm_up_s']} / "
+                        f"{c['warm_restart']['compile_and_warm_up_s']}",
+                        "",
+                    )
+                )
         return "Summary\n" + table(rows, ("figure", "measured", "target"))
 
 
@@ -310,9 +399,12 @@ def main(argv=None) -> int:
     bench = Bench(args)
     started = dt.datetime.now(dt.UTC)
     command = " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])])
-    print(f"flashsd benchmarks on {facts.get('gpu') or facts['cpu']} ({facts['cpu_cores']} cores), torch "
-          f"{facts['torch']}, {bench.runtime.device} {str(bench.runtime.dtype).removeprefix('torch.')}; "
-          f"sections: {', '.join(args.sections)}\n", flush=True)
+    print(
+        f"flashsd benchmarks on {facts.get('gpu') or facts['cpu']} ({facts['cpu_cores']} cores), torch "
+        f"{facts['torch']}, {bench.runtime.device} {str(bench.runtime.dtype).removeprefix('torch.')}; "
+        f"sections: {', '.join(args.sections)}\n",
+        flush=True,
+    )
     for section in args.sections:
         t0 = time.perf_counter()
         try:

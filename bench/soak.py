@@ -146,7 +146,11 @@ def soak(
 
     def one(i: int) -> str:
         response = server.predict(inputs_for(i), busy_wait=60)
-        return response.json().get("status", f"http {response.status_code}") if response.ok else f"http {response.status_code}"
+        return (
+            response.json().get("status", f"http {response.status_code}")
+            if response.ok
+            else f"http {response.status_code}"
+        )
 
     with ThreadPoolExecutor(max_workers=clients) as pool:
         for chunk in range(0, predictions, every):

@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 

@@ -10,9 +10,9 @@ import inspect
 import logging
 import os
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
 
 import diffusers
 import torch
@@ -116,7 +116,7 @@ class Engine:
         return [self.pipe.scheduler, *(p.scheduler for p in self._mode_pipelines.values())]
 
     @classmethod
-    def load(cls, model: FlashModel, root: Path, runtime: Runtime | None = None) -> "Engine":
+    def load(cls, model: FlashModel, root: Path, runtime: Runtime | None = None) -> Engine:
         """Load `model` from the weights `root`. A missing, damaged or unfit file is a WeightsError naming it and
         the command that fixes it."""
         runtime = runtime or select_runtime()
@@ -143,7 +143,7 @@ class Engine:
         return self.speed
 
     @classmethod
-    def _load(cls, model: FlashModel, root: Path, runtime: Runtime) -> "Engine":
+    def _load(cls, model: FlashModel, root: Path, runtime: Runtime) -> Engine:
         started = time.perf_counter()
         base = repo_dir(root, model.base)
         common = dict(dtype=runtime.dtype, local_files_only=True, use_safetensors=True, device_map=runtime.device.type)
@@ -159,8 +159,12 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         log.info(
             "%s loaded on %s (%s) in %.1f s; Flash adapter merged into %d %s weights",
-            model.title, runtime.device, str(runtime.dtype).removeprefix("torch."),
-            time.perf_counter() - started, changed, model.denoiser,
+            model.title,
+            runtime.device,
+            str(runtime.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+            changed,
+            model.denoiser,
         )
         checker = None
         if model.safety_checker is not None:
@@ -251,7 +255,9 @@ class Engine:
         `stop()` true ends a download or a load (logs.Stopped, the model restored)."""
         if self.loras is None:
             if request.loras:
-                raise loras.LoraError(f"{self.model.title} takes no style LoRA (models that do: {loras.able_models()}).")
+                raise loras.LoraError(
+                    f"{self.model.title} takes no style LoRA (models that do: {loras.able_models()})."
+                )
             return ()
         return self.loras.apply(request.loras, stop)
 
@@ -266,8 +272,13 @@ class Engine:
             )
         log.info(
             "Generating %d image(s) (%s) at %dx%d, %s, guidance %g; seeds %s",
-            request.num_outputs, request.mode, request.width, request.height, steps,
-            request.guidance_scale, ", ".join(map(str, request.seeds)),
+            request.num_outputs,
+            request.mode,
+            request.width,
+            request.height,
+            steps,
+            request.guidance_scale,
+            ", ".join(map(str, request.seeds)),
         )
         progress = logs.StepProgress(request.steps_run, stop=stop).pipeline_arguments(pipe)
         noise_source = getattr(pipe.scheduler, "noise_generators", None)
@@ -293,7 +304,8 @@ class Engine:
             say(
                 logging.WARNING,
                 "Safety checker: %d of %d image(s) flagged as potentially NSFW and left out (seeds %s)",
-                len(generated) - len(kept), len(generated),
+                len(generated) - len(kept),
+                len(generated),
                 ", ".join(str(item.seed) for item, flagged in zip(generated, flags) if flagged),
             )
         if not kept:

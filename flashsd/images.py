@@ -1,12 +1,13 @@
 """Encoding generated images as webp/jpg/png, with their generation settings in the metadata."""
+
 from __future__ import annotations
 
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -26,8 +27,17 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def generation_parameters(
-    *, prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float, seed: int,
-    width: int, height: int, model: str, denoising_strength: float | None = None,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    denoising_strength: float | None = None,
     loras: Sequence[tuple[str, float, str]] = (),
 ) -> str:
     """The settings in Automatic1111's 'parameters' text, which image tools already parse. Image-to-image and

@@ -490,7 +490,9 @@ def _download_hub(source: LoraSource, partial: Path, input_name: str, settings: 
     staging = partial.with_name(partial.name + ".hub")
     try:
         if filename is None:  # the repo's single LoRA file
-            info = HfApi(endpoint=endpoint).model_info(repo, token=token, files_metadata=True, timeout=settings.timeout_s)
+            info = HfApi(endpoint=endpoint).model_info(
+                repo, token=token, files_metadata=True, timeout=settings.timeout_s
+            )
             filename = _single_lora_file(repo, [s.rfilename for s in info.siblings or ()], input_name)
             revision = info.sha or revision
         url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
@@ -577,13 +579,17 @@ def _hub_message(e: BaseException, input_name: str, repo: str, filename, endpoin
     if x := find(HfHubHTTPError):
         status = status_of(x)
         if status in (401, 403):
-            return f"{input_name}: {endpoint} refused {where} (HTTP {status}): set HF_TOKEN to a token that can read it."
+            return (
+                f"{input_name}: {endpoint} refused {where} (HTTP {status}): set HF_TOKEN to a token that can read it."
+            )
         return f"{input_name}: {endpoint} answered HTTP {status} for {where}: try again later."
     if find(OfflineModeIsEnabled):
         return f"{input_name}: {where} cannot be fetched from the Hugging Face hub: HF_HUB_OFFLINE is set here."
     if x := find(httpx2.TimeoutException):
-        return f"{input_name}: the Hugging Face hub at {endpoint} answered nothing for {settings.timeout_s:g} s " \
-               f"({type(x).__name__}) for {where}: try again later."
+        return (
+            f"{input_name}: the Hugging Face hub at {endpoint} answered nothing for {settings.timeout_s:g} s "
+            f"({type(x).__name__}) for {where}: try again later."
+        )
     if x := find(httpx2.TransportError):
         return f"{input_name}: could not reach the Hugging Face hub at {endpoint} for {where} ({type(x).__name__})."
     if "Consistency check failed" in str(e):
@@ -704,7 +710,9 @@ class StyleLoras:
                 ) from e
             raise
         self._fused = key
-        self.applied = tuple(AppliedLora(ready.name, lora.scale, ready.hash) for lora, (ready, _) in zip(wanted, loaded))
+        self.applied = tuple(
+            AppliedLora(ready.name, lora.scale, ready.hash) for lora, (ready, _) in zip(wanted, loaded)
+        )
         return self.applied
 
     @property

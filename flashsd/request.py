@@ -1,4 +1,5 @@
 """Turning raw inputs into one validated generation request, with errors meant for a person."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +7,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -51,7 +52,7 @@ _HUB_HOSTS = ("huggingface.co", "hf.co")
 RATIO_TOLERANCE = 0.01
 
 
-@lru_cache(maxsize=None)
+@cache
 def aspect_ratio_size(ratio: str, native_size: int) -> tuple[int, int]:
     """(width, height) in multiples of 16 whose area is nearest the model's native area and whose
     ratio is within RATIO_TOLERANCE of the ratio named. Portrait sizes are the landscape ones swapped."""
@@ -216,7 +217,7 @@ class GenerationRequest:
 
     @property
     def mode(self) -> str:
-        """"text-to-image", "image-to-image" or "inpainting"."""
+        """ "text-to-image", "image-to-image" or "inpainting"."""
         if self.image is None:
             return "text-to-image"
         return "inpainting" if self.mask is not None else "image-to-image"
@@ -237,7 +238,9 @@ def _nearest_multiples(value: int) -> str:
 
 def _side(name: str, value: int | None) -> int:
     if value is None:
-        raise InputError(f"{name} is required when aspect_ratio is '{CUSTOM}' ({MIN_SIDE}–{MAX_SIDE}, a multiple of {SIZE_MULTIPLE}).")
+        raise InputError(
+            f"{name} is required when aspect_ratio is '{CUSTOM}' ({MIN_SIDE}–{MAX_SIDE}, a multiple of {SIZE_MULTIPLE})."
+        )
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{name} must be a whole number of pixels, got {value!r}.")
     if not MIN_SIDE <= value <= MAX_SIDE or value % SIZE_MULTIPLE:
@@ -250,7 +253,9 @@ def _side(name: str, value: int | None) -> int:
 
 def _in_range(name: str, value, low, high, kind: type):
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise InputError(f"{name} must be {'a number' if kind is float else 'a whole number'} from {low} to {high}, got {value!r}.")
+        raise InputError(
+            f"{name} must be {'a number' if kind is float else 'a whole number'} from {low} to {high}, got {value!r}."
+        )
     if not low <= value <= high or (kind is float and not math.isfinite(value)):
         raise InputError(f"{name}={value} is out of range: allowed {low} to {high}.")
     return kind(value)
@@ -358,8 +363,10 @@ def build_request(
         if mask_source is not None:
             fitted_mask = fit_mask(mask_source, (width, height))
             if repainted_fraction(fitted_mask) == 0:
-                where = "" if repainted_fraction(fit_mask(mask_source, mask_source.size)) == 0 else (
-                    f" left once it is resized to the output's {width}x{height}"
+                where = (
+                    ""
+                    if repainted_fraction(fit_mask(mask_source, mask_source.size)) == 0
+                    else (f" left once it is resized to the output's {width}x{height}")
                 )
                 raise InputError(
                     f"mask has no white area{where}, so inpainting would return image unchanged: paint what to "

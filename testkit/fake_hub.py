@@ -17,6 +17,7 @@ Faults for tests: drop the connection halfway through a file's first body, serve
 (same length), serve bodies slowly. Every request is recorded (`requests`, `count()`, `file_gets()`); anything else
 (huggingface_hub also asks `/api/agent-harnesses`, once a day, for its user agent) gets a plain 404.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,9 +71,7 @@ class FakeHub:
 
     # -- content -------------------------------------------------------------------------------------------
 
-    def add_repo(
-        self, repo_id: str, revision: str, files: dict[str, bytes], *, token: str | None = None
-    ) -> None:
+    def add_repo(self, repo_id: str, revision: str, files: dict[str, bytes], *, token: str | None = None) -> None:
         """Serve `files` as repo `repo_id` at `revision` (a 40-hex commit); `token` makes the repo gated."""
         repo = self.repos.setdefault(repo_id, _Repo(revisions={}))
         repo.revisions[revision] = dict(files)
@@ -122,7 +121,7 @@ class FakeHub:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._hub = self._serve("hub")
         self._cdn = self._serve("cdn")
         return self
@@ -173,9 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, body: bool) -> None:
         path = urlsplit(self.path).path
         self.fake._record(
-            Request(
-                self.server_name, self.command, path, self.headers.get("Authorization"), self.headers.get("Range")
-            )
+            Request(self.server_name, self.command, path, self.headers.get("Authorization"), self.headers.get("Range"))
         )
         if self.server_name == "cdn":
             blob = self.fake._blobs.get(path.rsplit("/", 1)[-1]) if path.startswith("/cdn/") else None

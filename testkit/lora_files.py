@@ -22,6 +22,7 @@ Formats (what `write_lora` writes):
 Every layer is random (seeded): A ~ N(0, 1/in), B scaled so the layer changes its weight by `RELATIVE_CHANGE` of its
 norm, large enough to change a tiny model's image visibly.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,10 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "time_emb_proj")  # fmt: skip
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-KOHYA_TE_PREFIX = {"sd15": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+KOHYA_TE_PREFIX = {
+    "sd15": {"text_encoder": "lora_te"},
+    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
 BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
 
 
@@ -62,9 +66,11 @@ def components(root: Path, model_key: str) -> dict[str, torch.nn.Module]:
         found["unet"] = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **variant)
     else:
         found["transformer"] = SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", **variant)
-    classes = {"sd15": {"text_encoder": CLIPTextModel},
-               "sdxl": {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection},
-               "sd3": {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection}}
+    classes = {
+        "sd15": {"text_encoder": CLIPTextModel},
+        "sdxl": {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection},
+        "sd3": {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection},
+    }
     for name, cls in classes[model_key].items():
         found[name] = cls.from_pretrained(base, subfolder=name, **variant)
     return {name: m.float().eval() for name, m in found.items()}
@@ -133,8 +139,16 @@ def sgm_name(module: str, layers_per_block: int) -> str:
 
 
 def write_lora(
-    path: Path, root: Path, model_key: str, fmt: str, *, seed: int = 0, text_encoders: bool = True,
-    rank: int = RANK, alpha: float = ALPHA, targets: tuple[str, ...] | None = None,
+    path: Path,
+    root: Path,
+    model_key: str,
+    fmt: str,
+    *,
+    seed: int = 0,
+    text_encoders: bool = True,
+    rank: int = RANK,
+    alpha: float = ALPHA,
+    targets: tuple[str, ...] | None = None,
 ) -> Path:
     """A style LoRA for the tiny `model_key` of the weights `root`, in format `fmt` (FORMATS), at `path`. `targets`:
     module name suffixes to use instead of the format's usual ones (in every component)."""
@@ -162,7 +176,9 @@ def _write_diffusers(path: Path, model_key: str, layers, rank: int, alpha: float
     arguments = {}
     for component, found in layers.items():
         arguments[f"{component}_lora_layers"] = {
-            f"{name}.{half}.weight": tensor for name, (a, b) in found.items() for half, tensor in (("lora_A", a), ("lora_B", b))
+            f"{name}.{half}.weight": tensor
+            for name, (a, b) in found.items()
+            for half, tensor in (("lora_A", a), ("lora_B", b))
         }
         if with_metadata:
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(found))
@@ -210,7 +226,11 @@ def write_real_shaped(path: Path, model_key: str, *, rank: int = 1) -> Path:
             b = torch.randn(out_features, rank, generator=generator).half()
             if model_key == "sd15":
                 key = "lora_unet_" + name.replace(".", "_")
-                tensors |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(1.0).half()}
+                tensors |= {
+                    f"{key}.lora_down.weight": a,
+                    f"{key}.lora_up.weight": b,
+                    f"{key}.alpha": torch.tensor(1.0).half(),
+                }
             else:
                 prefix = "unet" if MODELS[model_key].denoiser == "unet" else "transformer"
                 tensors |= {f"{prefix}.{name}.lora_A.weight": a, f"{prefix}.{name}.lora_B.weight": b}

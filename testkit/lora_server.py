@@ -13,6 +13,7 @@
 
 Every GET is recorded (`gets(path)`), so a test can tell a cache hit from a download.
 """
+
 from __future__ import annotations
 
 import threading

@@ -8,6 +8,7 @@ predict.py's Predictor as is (same inputs, so the same OpenAPI schema):
 
     COG_PREDICT_TYPE_STUB=tests/slow_lora_predictor.py:SlowLoraPredictor python -m cog.server.http
 """
+
 import os
 import time
 from pathlib import Path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -55,7 +53,9 @@ def test_each_request_of_a_shared_call_gets_the_images_it_gets_alone(engines, ke
 
 def test_guidance_with_different_negative_prompts_in_one_call(engines):
     engine = engines("sd15")
-    requests = [request("sd15", "a cat", 3, guidance_scale=2, negative_prompt=neg) for neg in ("blurry", "dark, grainy")]
+    requests = [
+        request("sd15", "a cat", 3, guidance_scale=2, negative_prompt=neg) for neg in ("blurry", "dark, grainy")
+    ]
     together = engine.generate_together(requests, [Lines(), Lines()])
     for r, shared in zip(requests, together, strict=True):
         assert np.abs(pixels(engine.generate(r)[0].image) - pixels(shared[0].image)).max() <= 1
@@ -110,7 +110,10 @@ def test_the_image_budget_follows_the_size_and_guidance(engines, monkeypatch):
     key = engine.batch_key(request("sdxl", "a cat", 1, width=1024, height=1024))
     assert engine.batch_budget(key) == 4
     assert engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, width=512, height=512))) == 16
-    assert engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, width=1024, height=1024, guidance_scale=2))) == 2
+    assert (
+        engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, width=1024, height=1024, guidance_scale=2)))
+        == 2
+    )
     monkeypatch.setenv("FLASHSD_BATCH_MEGAPIXELS", "8.4")
     assert engine.batch_budget(key) == 8
     assert engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, image=None, width=2048, height=2048))) == 2

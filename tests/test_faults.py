@@ -5,6 +5,7 @@ same Predictor (setup() and predict(), as coglet calls them) and Engine run in t
 from forward hooks exactly where a CUDA allocation would fail. tests/test_robustness_http.py checks the same
 contract through the real server.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,17 +29,24 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flashsd import cog_files, recovery
-from flashsd.engine import Engine
-from flashsd.runtime import Runtime
-from flashsd.errors import InputError, WeightsError
-from flashsd.recovery import OutOfMemory, is_out_of_memory
-from flashsd.models import MODELS
-from flashsd.request import MAX_PROMPT_CHARS, build_request
 from flashsd.download import download
+from flashsd.engine import Engine
+from flashsd.errors import InputError, WeightsError
+from flashsd.models import MODELS
+from flashsd.recovery import OutOfMemory, is_out_of_memory
+from flashsd.request import MAX_PROMPT_CHARS, build_request
+from flashsd.runtime import Runtime
 from flashsd.weights import repo_dir, safetensors_problem
 from testkit.fake_hub import FakeHub, _Handler, closed_port
 from tests.test_weights import (  # noqa: F401 - fixtures
-    ADAPTER_FILES, ADAPTER_REV, BASE_REV, Log, base_files, big, hf_env, tiny_model,
+    ADAPTER_FILES,
+    ADAPTER_REV,
+    BASE_REV,
+    Log,
+    base_files,
+    big,
+    hf_env,
+    tiny_model,
 )
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
@@ -196,8 +204,16 @@ def test_out_of_memory_mid_denoising_says_what_to_lower_frees_memory_and_the_nex
 
 
 def test_out_of_memory_message_names_guidance_when_it_doubles_the_batch():
-    request = build_request(MODELS["sdxl"], prompt="x", negative_prompt="blurry", guidance_scale=3, num_outputs=1,
-                            aspect_ratio="custom", width=2048, height=2048)
+    request = build_request(
+        MODELS["sdxl"],
+        prompt="x",
+        negative_prompt="blurry",
+        guidance_scale=3,
+        num_outputs=1,
+        aspect_ratio="custom",
+        width=2048,
+        height=2048,
+    )
     message = recovery.out_of_memory_message(request, torch.device("cuda"))
     assert message.startswith("Out of GPU memory generating 1 image(s) at 2048x2048")
     assert "4.2 megapixels" in message and "guidance_scale to 1 or less" in message
@@ -326,14 +342,16 @@ def test_negative_prompt_truncation_is_logged_only_when_it_is_used(loaded, caplo
 def test_a_huge_prompt_is_refused_at_once_with_its_length_and_the_limit(field):
     text = "日本語 " * 25_000  # 100 000 characters
     inputs = {"prompt": "a cat", field: text, "guidance_scale": 2}
-    with pytest.raises(InputError, match=rf"^{field} is 100000 characters long; at most {MAX_PROMPT_CHARS} are accepted"):
+    with pytest.raises(
+        InputError, match=rf"^{field} is 100000 characters long; at most {MAX_PROMPT_CHARS} are accepted"
+    ):
         build_request(MODELS["sdxl"], **inputs)
     build_request(MODELS["sdxl"], **{**inputs, field: "x" * MAX_PROMPT_CHARS})
 
 
 def test_the_longest_prompts_in_any_script_fit_in_jpeg_metadata(loaded):
     """4-byte characters are the worst case for the EXIF UserComment (UTF-16); JPEG segments hold 64 kB."""
-    worst = "\U0001F600" * MAX_PROMPT_CHARS
+    worst = "\U0001f600" * MAX_PROMPT_CHARS
     paths = loaded("sd15").predict(prompt=worst, negative_prompt=worst, guidance_scale=2, output_format="jpg", seed=1)
     assert Image.open(paths[0]).getexif()
 
@@ -360,7 +378,9 @@ def copy_model(src: Path, dst: Path, key: str) -> Path:
 def denoiser_file(root: Path, key: str) -> Path:
     model = MODELS[key]
     return next(
-        repo_dir(root, model.base) / f for f in model.base.files if f.startswith(f"{model.denoiser}/") and f.endswith(".safetensors")
+        repo_dir(root, model.base) / f
+        for f in model.base.files
+        if f.startswith(f"{model.denoiser}/") and f.endswith(".safetensors")
     )
 
 
@@ -404,7 +424,9 @@ def setup_error(monkeypatch, root: Path, key: str) -> str:
 
 @pytest.mark.parametrize("key", list(MODELS))
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_weight_file_fails_setup_naming_it_and_the_fix(tiny_weights, tmp_path, monkeypatch, offline, key, damage):
+def test_a_damaged_weight_file_fails_setup_naming_it_and_the_fix(
+    tiny_weights, tmp_path, monkeypatch, offline, key, damage
+):
     root = copy_model(tiny_weights, tmp_path, key)
     broken = denoiser_file(root, key)
     breaker, expected = DAMAGE[damage]
@@ -425,7 +447,9 @@ def test_a_missing_adapter_fails_setup_naming_it_and_the_command(tiny_weights, t
 
 
 @pytest.mark.parametrize("key, other", [("sd15", "sdxl"), ("sdxl", "sd15"), ("sd3", "pixart"), ("pixart", "sd3")])
-def test_an_adapter_of_another_model_fails_setup_naming_the_file(tiny_weights, tmp_path, monkeypatch, offline, key, other):
+def test_an_adapter_of_another_model_fails_setup_naming_the_file(
+    tiny_weights, tmp_path, monkeypatch, offline, key, other
+):
     root = copy_model(tiny_weights, tmp_path, key)
     shutil.copyfile(adapter_file(tiny_weights, other), adapter_file(root, key))
     message = setup_error(monkeypatch, root, key)
@@ -434,7 +458,9 @@ def test_an_adapter_of_another_model_fails_setup_naming_the_file(tiny_weights, t
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-def test_adapter_keys_that_match_no_layer_are_an_error_not_a_partial_load(tiny_weights, tmp_path, monkeypatch, offline, key):
+def test_adapter_keys_that_match_no_layer_are_an_error_not_a_partial_load(
+    tiny_weights, tmp_path, monkeypatch, offline, key
+):
     root = copy_model(tiny_weights, tmp_path, key)
     rename_adapter_keys(adapter_file(root, key))
     message = setup_error(monkeypatch, root, key)
@@ -442,22 +468,33 @@ def test_adapter_keys_that_match_no_layer_are_an_error_not_a_partial_load(tiny_w
 
 
 @pytest.mark.parametrize("key", ["sdxl", "pixart"])
-def test_a_pickle_only_folder_fails_setup_naming_the_missing_safetensors_and_the_pickle(tiny_weights, tmp_path, monkeypatch, offline, key):
+def test_a_pickle_only_folder_fails_setup_naming_the_missing_safetensors_and_the_pickle(
+    tiny_weights, tmp_path, monkeypatch, offline, key
+):
     root = copy_model(tiny_weights, tmp_path, key)
     weights = denoiser_file(root, key)
     torch.save(load_file(weights), weights.parent / "diffusion_pytorch_model.bin")
     weights.unlink()
     message = setup_error(monkeypatch, root, key)
     assert str(weights.relative_to(root)) in message and f"scripts/download-weights --model {key}" in message
-    assert f"{weights.parent.relative_to(root)}/diffusion_pytorch_model.bin" in message and "never loads pickle" in message
+    assert (
+        f"{weights.parent.relative_to(root)}/diffusion_pytorch_model.bin" in message and "never loads pickle" in message
+    )
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-def test_nothing_is_ever_unpickled_even_with_pickle_files_beside_the_safetensors(tiny_weights, tmp_path, monkeypatch, key):
+def test_nothing_is_ever_unpickled_even_with_pickle_files_beside_the_safetensors(
+    tiny_weights, tmp_path, monkeypatch, key
+):
     root = copy_model(tiny_weights, tmp_path, key)
     for path in [denoiser_file(root, key), adapter_file(root, key)]:
         tensors = load_file(path)
-        for name in ("diffusion_pytorch_model.bin", "pytorch_lora_weights.bin", "adapter_model.bin", "pytorch_model.bin"):
+        for name in (
+            "diffusion_pytorch_model.bin",
+            "pytorch_lora_weights.bin",
+            "adapter_model.bin",
+            "pytorch_model.bin",
+        ):
             torch.save(tensors, path.parent / name)
     unpickled = []
 
@@ -515,7 +552,9 @@ class RevokingHub(FakeHub):
         return server
 
 
-def test_a_revoked_token_on_a_public_repo_says_the_token_was_rejected_without_showing_it(hf_env, monkeypatch, tmp_path, base_files):
+def test_a_revoked_token_on_a_public_repo_says_the_token_was_rejected_without_showing_it(
+    hf_env, monkeypatch, tmp_path, base_files
+):
     with RevokingHub() as hub:
         hub.add_repo("fake-org/tiny-base", BASE_REV, base_files)
         hub.add_repo("fake-org/tiny-flash", ADAPTER_REV, ADAPTER_FILES)
@@ -527,7 +566,10 @@ def test_a_revoked_token_on_a_public_repo_says_the_token_was_rejected_without_sh
     message = str(caught.value)
     assert "HTTP 401" in message and "token" in message and "HF_TOKEN" in message, message
     assert REVOKED not in message and REVOKED not in log.text and REVOKED[:12] not in message
-    assert "Traceback" not in message and not (tmp_path / "weights" / "fake-org" / "tiny-base" / "model_index.json").exists()
+    assert (
+        "Traceback" not in message
+        and not (tmp_path / "weights" / "fake-org" / "tiny-base" / "model_index.json").exists()
+    )
 
 
 # -- temporary files -----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Output files: formats, quality, metadata in the places image tools read, unique names."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,8 +29,15 @@ def read_settings(path):
 
 @pytest.mark.parametrize("fmt, pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
 def test_each_format_is_written_with_its_settings_in_the_metadata(tmp_path, fmt, pil_format):
-    request = build_request(SDXL, prompt="a red fox, 雪", seed=41, num_outputs=2, output_format=fmt,
-                            guidance_scale=2.5, negative_prompt="blurry")
+    request = build_request(
+        SDXL,
+        prompt="a red fox, 雪",
+        seed=41,
+        num_outputs=2,
+        output_format=fmt,
+        guidance_scale=2.5,
+        negative_prompt="blurry",
+    )
     generated = [GeneratedImage(noisy_image(i), seed) for i, seed in enumerate(request.seeds)]
     paths = write_outputs(generated, request, SDXL, tmp_path)
     assert len(paths) == 2

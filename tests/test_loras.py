@@ -3,6 +3,7 @@ anything is loaded, failures and cancellation mid-way, the metadata. LoRA files 
 (testkit/lora_files.py), served over loopback (testkit/lora_server.py); tests/test_loras_http.py runs the same
 contract through the real Cog server.
 """
+
 from __future__ import annotations
 
 import json
@@ -135,6 +136,7 @@ def same_weights(a: dict, b: dict) -> list[str]:
 def jaspers_recipe(key: str, root: Path, styles: list[tuple[Path, float]]):
     """The Flash README's LoRA recipe written out with plain diffusers: the Flash adapter and each style LoRA
     loaded as separate adapters, unfused, combined with set_adapters(["flash", ...], [1.0, scale, ...])."""
+
     def lcm(base):
         return LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
 
@@ -154,13 +156,17 @@ def jaspers_recipe(key: str, root: Path, styles: list[tuple[Path, float]]):
         pipe.load_lora_weights(root / "jasperai/flash-sd", adapter_name="flash")
     else:
         base = root / "stabilityai/stable-diffusion-3-medium-diffusers"
-        pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            base, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+        )
         pipe.scheduler = FlashFlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
         # The Flash SD3 PEFT adapter as a diffusers adapter: its keys without peft's prefix, its rank and alpha
         # from its adapter_config.json.
         flash = root / "jasperai/flash-sd3"
         config = json.loads((flash / "adapter_config.json").read_text())
-        weights = {k.removeprefix("base_model.model."): v for k, v in load_file(flash / "adapter_model.safetensors").items()}
+        weights = {
+            k.removeprefix("base_model.model."): v for k, v in load_file(flash / "adapter_model.safetensors").items()
+        }
         metadata = {name: config[name] for name in ("r", "lora_alpha", "target_modules")}
         pipe.transformer.load_lora_adapter(weights, prefix=None, adapter_name="flash", metadata=metadata)
     names = ["flash"]
@@ -173,7 +179,9 @@ def jaspers_recipe(key: str, root: Path, styles: list[tuple[Path, float]]):
 
 def run_recipe(pipe, key: str, seed: int = 1234):
     generators = [torch.Generator("cpu").manual_seed(seed)]
-    arguments = dict(prompt=PROMPT, width=64, height=64, num_inference_steps=4, guidance_scale=0.0, generator=generators)
+    arguments = dict(
+        prompt=PROMPT, width=64, height=64, num_inference_steps=4, guidance_scale=0.0, generator=generators
+    )
     if key == "sd3":
         with pipe.scheduler.noise_generators(generators):
             return pipe(**arguments).images[0]
@@ -188,7 +196,9 @@ def run_recipe(pipe, key: str, seed: int = 1234):
     [("sd15-kohya", 0.8), ("sd15-diffusers", 1.0), ("sd15-diffusers-plain", 2.5), ("sd15-kohya", -0.7),
      ("sdxl-kohya", 1.0), ("sdxl-diffusers", 0.6), ("sd3-diffusers", 1.3), ("sd3-diffusers-plain", 1.0)],
 )  # fmt: skip
-def test_a_style_lora_gives_jaspers_two_adapter_recipe_within_one_level(engine, url, lora_file, tiny_weights, name, scale):
+def test_a_style_lora_gives_jaspers_two_adapter_recipe_within_one_level(
+    engine, url, lora_file, tiny_weights, name, scale
+):
     key = FILES[name][0]
     e = engine(key)
     without = generate(e)[0].image
@@ -354,6 +364,7 @@ def test_the_disk_cache_evicts_the_least_recently_used_files_beyond_its_bound(tm
 
 def test_the_memory_cache_keeps_the_most_recent_state_dicts_within_its_bound():
     cache = StateDicts(bound=250)
+
     def entry(nbytes: int) -> loras.Loaded:
         return loras.Loaded({"w": torch.zeros(1)}, loras.Header({}, {}), "x", "", nbytes)
 
@@ -469,7 +480,9 @@ def test_a_failure_on_the_second_lora_leaves_the_first_predictions_loras_in_plac
      ("/stall", 1000, dict(stall=True), "answered nothing for 1 s"),
      ("/cut", 100_000, dict(drop_after=1000), "interrupted after 1.0 KB of 100.0 KB")],
 )  # fmt: skip
-def test_download_failures_say_what_to_do_and_leave_no_file(tmp_path, tiny_weights, caplog, route, size, fault, message):
+def test_download_failures_say_what_to_do_and_leave_no_file(
+    tmp_path, tiny_weights, caplog, route, size, fault, message
+):
     data = b"\0" * size
     with LoraServer() as server:
         source = server.add(route, data, **fault)
@@ -602,7 +615,9 @@ def test_a_loader_error_becomes_a_message_and_the_model_is_restored(engine, url,
         raise ValueError("Invalid LoRA checkpoint.\nmore lines")
 
     monkeypatch.setattr(e.loras.pipe, "load_lora_weights", broken)
-    with pytest.raises(LoraError, match=r"lora_weights: diffusers could not load .*\(ValueError: Invalid LoRA checkpoint.\)"):
+    with pytest.raises(
+        LoraError, match=r"lora_weights: diffusers could not load .*\(ValueError: Invalid LoRA checkpoint.\)"
+    ):
         generate(e, lora_weights=url("sd15-kohya"))
     assert same_weights(clean, weights_of(e)) == []
 
@@ -673,7 +688,9 @@ def test_lora_scales_outside_minus_one_to_three_are_refused(scale):
 
 
 @pytest.mark.usefixtures("hf_env")
-def test_a_hugging_face_repo_lora_is_fetched_with_the_token_which_is_never_said(tmp_path, tiny_weights, lora_file, monkeypatch, caplog):
+def test_a_hugging_face_repo_lora_is_fetched_with_the_token_which_is_never_said(
+    tmp_path, tiny_weights, lora_file, monkeypatch, caplog
+):
     token = "hf_" + "q" * 34
     kohya, other = lora_file("sd15-kohya").read_bytes(), lora_file("sd15-diffusers-plain").read_bytes()
     with FakeHub() as hub:

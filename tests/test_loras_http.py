@@ -6,6 +6,7 @@ repo give Jasper's recipe; every failure ends only its own prediction, with a me
 predictions equal those the same container made before it saw any failure (a container that never saw it).
 Cancels during a download, a load and a fuse use tests/slow_lora_predictor.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,11 @@ class World:
 
     def url(self, name: str) -> str:
         path = f"/{name}.safetensors"
-        return self.files.add(path, self.lora[name].read_bytes()) if path not in self.files.routes else self.files.url + path
+        return (
+            self.files.add(path, self.lora[name].read_bytes())
+            if path not in self.files.routes
+            else self.files.url + path
+        )
 
 
 def pixels(body: dict) -> list[np.ndarray]:
@@ -198,7 +203,9 @@ FAILURES = {  # case: (input, what the error says)
 
 
 @pytest.mark.parametrize("case", list(FAILURES))
-def test_a_bad_lora_fails_only_its_prediction_and_the_next_equals_a_fresh_containers(world, tiny_weights, tmp_path, case):
+def test_a_bad_lora_fails_only_its_prediction_and_the_next_equals_a_fresh_containers(
+    world, tiny_weights, tmp_path, case
+):
     field_name, message = FAILURES[case]
     source = failure_source_for(world, tiny_weights, case, tmp_path)
     inputs = {field_name: source}
@@ -211,7 +218,9 @@ def test_a_bad_lora_fails_only_its_prediction_and_the_next_equals_a_fresh_contai
     assert re.search(rf": {field_name}[:=]", error) and message in error and "Traceback" not in error, error
     if case == "pickle by name":
         assert world.files.gets("/never-fetched.ckpt") == 0  # refused before any download
-    leftovers = [p.name for p in (world.weights / ".loras").glob(".partial-*")] if (world.weights / ".loras").exists() else []
+    leftovers = (
+        [p.name for p in (world.weights / ".loras").glob(".partial-*")] if (world.weights / ".loras").exists() else []
+    )
     assert leftovers == []
     unchanged(world, styled=list(FAILURES).index(case) % 2 == 0)
 
@@ -221,7 +230,9 @@ def failure_source_for(world: World, tiny_weights: Path, case: str, tmp: Path) -
     page = b"<!DOCTYPE html><html><body>Log in to download</body></html>"
     makers = {
         "pickle": lambda: files.add("/api/download/models/1", write_pickle(tmp / "a.ckpt").read_bytes()),
-        "legacy pickle": lambda: files.add("/api/download/models/2", write_pickle(tmp / "b.pt", legacy=True).read_bytes()),
+        "legacy pickle": lambda: files.add(
+            "/api/download/models/2", write_pickle(tmp / "b.pt", legacy=True).read_bytes()
+        ),
         "pickle by name": lambda: f"{files.url}/never-fetched.ckpt",
         "web page": lambda: files.add("/api/download/models/3", page, content_type="text/html"),
         "SD1.5 LoRA": lambda: files.add("/sd15-real", write_real_shaped(tmp / "r.safetensors", "sd15").read_bytes()),
@@ -265,8 +276,14 @@ def slow_world(tiny_weights, tmp_path_factory):
         stop_world(w)
 
 
-@pytest.mark.parametrize("when, marker", [("download", "LoRA lora_weights: downloading"),
-                                          ("load", "slow-lora: loaded"), ("fuse", "slow-lora: merged a layer")])
+@pytest.mark.parametrize(
+    "when, marker",
+    [
+        ("download", "LoRA lora_weights: downloading"),
+        ("load", "slow-lora: loaded"),
+        ("fuse", "slow-lora: merged a layer"),
+    ],
+)
 def test_a_cancel_during_a_download_a_load_or_a_fuse_leaves_the_container_as_it_was(slow_world, when, marker):
     world, server = slow_world, slow_world.server
     if when == "download":

@@ -49,7 +49,8 @@ def test_setup_loads_the_model_named_by_the_environment(predictor):
 
 def test_predict_returns_one_file_per_image_with_seeds_in_logs_and_metadata(predictor, caplog):
     with caplog.at_level(logging.INFO, logger="flashsd"):
-        paths = run(predictor, 
+        paths = run(
+            predictor,
             **all_inputs(
                 prompt="a cat",
                 aspect_ratio="custom",
@@ -58,7 +59,7 @@ def test_predict_returns_one_file_per_image_with_seeds_in_logs_and_metadata(pred
                 num_outputs=2,
                 seed=5,
                 output_format="png",
-            )
+            ),
         )
     assert len(paths) == 2 and len({p.name for p in paths}) == 2
     for path, seed in zip(paths, (5, 6)):

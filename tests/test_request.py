@@ -1,4 +1,5 @@
 """Turning inputs into a request: sizes, seeds and every validation message."""
+
 import pytest
 
 from flashsd.errors import InputError

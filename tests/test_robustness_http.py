@@ -10,6 +10,7 @@ weights, and a full download-and-predict run checked for the Hugging Face token.
 The servers run tiny random-weight models (testkit/tiny_repos.py) from a private working directory whose OpenAPI
 schema is generated from predict.py when the module starts.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,7 +29,13 @@ import requests
 from PIL import Image
 
 from bench.fuzz_http import (
-    Generator, cpu_seconds, files_under, run_cases, server_root, wait_ready, worker_pid,
+    Generator,
+    cpu_seconds,
+    files_under,
+    run_cases,
+    server_root,
+    wait_ready,
+    worker_pid,
 )
 from bench.soak import beyond_capacity, soak
 from flashsd.models import MODELS
@@ -116,7 +123,9 @@ def test_500_generated_requests_each_get_their_expected_outcome_and_the_worker_s
     # prediction: then only the last delivered outputs remain.
     assert prediction(server.predict({**SMALL, "prompt": "a cat"}))["status"] == "succeeded"
     files = [p.relative_to(served.temp) for p in files_under(served.temp)]
-    assert [f for f in files if not (f.parts[0].startswith("flashsd-worker-") and f.parts[1].startswith("flashsd-"))] == []
+    assert [
+        f for f in files if not (f.parts[0].startswith("flashsd-worker-") and f.parts[1].startswith("flashsd-"))
+    ] == []
     assert len(files) == 1
     with capsys.disabled():
         print(f"\nfuzz: {json.dumps(report.summary())}")
@@ -129,14 +138,22 @@ def test_cancel_between_denoising_steps_ends_promptly_leaves_no_files_and_the_ne
     server = served.server
     wait_ready(server)
     files_before = files_under(served.temp)
-    slow = {**SMALL, "prompt": "a lighthouse at dawn", "width": 1024, "height": 1024, "num_outputs": 2,
-            "num_inference_steps": 8}
+    slow = {
+        **SMALL,
+        "prompt": "a lighthouse at dawn",
+        "width": 1024,
+        "height": 1024,
+        "num_outputs": 2,
+        "num_inference_steps": 8,
+    }
     prediction_id = f"cancel-{uuid.uuid4().hex[:8]}"
     log_start = len(server.logs())
     result: dict = {}
 
     def put() -> None:
-        result["response"] = requests.put(f"{server.url}/predictions/{prediction_id}", json={"input": slow}, timeout=600)
+        result["response"] = requests.put(
+            f"{server.url}/predictions/{prediction_id}", json={"input": slow}, timeout=600
+        )
 
     thread = threading.Thread(target=put)
     thread.start()
@@ -230,8 +247,8 @@ def test_out_of_memory_in_the_worker_fails_that_prediction_only(tiny_weights, ro
 
 
 def _pickle_only(root: Path) -> Path:
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     weights = denoiser_file(root, "sd15")
     torch.save(load_file(weights), weights.parent / "diffusion_pytorch_model.bin")
@@ -251,7 +268,9 @@ def _foreign_adapter(root: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("damage", [_truncated, _pickle_only, _foreign_adapter], ids=["truncated", "pickle-only", "foreign-adapter"])
+@pytest.mark.parametrize(
+    "damage", [_truncated, _pickle_only, _foreign_adapter], ids=["truncated", "pickle-only", "foreign-adapter"]
+)
 def test_bad_weights_fail_setup_visibly_and_predictions_get_503(tiny_weights, root, tmp_path, damage):
     weights = copy_model(tiny_weights, tmp_path / "weights", "sd15")
     copy_model(tiny_weights, weights, "sdxl")  # the foreign adapter's source
@@ -295,9 +314,16 @@ def test_hf_token_never_appears_in_logs_outputs_metadata_schema_or_files(tiny_we
     with FakeHub() as hub:
         _serve_tiny(hub, tiny_weights, "sd15", token)  # the base repo gated: it needs the token
         env = {
-            "FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": "sd15", "TMPDIR": str(temp),
-            "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "FLASHSD_WEIGHTS": str(weights),
+            "FLASHSD_MODEL": "sd15",
+            "TMPDIR": str(temp),
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": token,
+            "HF_HOME": str(home),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
         server = start(env, tmp_path, root)
         try:
@@ -306,8 +332,11 @@ def test_hf_token_never_appears_in_logs_outputs_metadata_schema_or_files(tiny_we
             assert any(r.authorization == f"Bearer {token}" for r in hub.requests)  # the token was used
             texts = [json.dumps(health), requests.get(f"{server.url}/openapi.json", timeout=10).text]
             for inputs in (
-                {"output_format": "png"}, {"output_format": "jpg"}, {"output_format": "webp", "num_outputs": 2},
-                {"prompt": "${HF_TOKEN} $HF_TOKEN %(HF_TOKEN)s {HF_TOKEN}"}, {"prompt": " "},
+                {"output_format": "png"},
+                {"output_format": "jpg"},
+                {"output_format": "webp", "num_outputs": 2},
+                {"prompt": "${HF_TOKEN} $HF_TOKEN %(HF_TOKEN)s {HF_TOKEN}"},
+                {"prompt": " "},
             ):
                 body = prediction(server.predict({**SMALL, "prompt": "a lighthouse at dawn", **inputs}))
                 texts.append(json.dumps(body))
@@ -319,7 +348,7 @@ def test_hf_token_never_appears_in_logs_outputs_metadata_schema_or_files(tiny_we
     for path in [*weights.rglob("*"), *home.rglob("*"), *temp.rglob("*")]:
         if path.is_file():
             texts.append(path.read_bytes().decode("latin-1"))
-    leaks = [t[max(0, t.find(token[:10]) - 80): t.find(token[:10]) + 80] for t in texts if token[:10] in t]
+    leaks = [t[max(0, t.find(token[:10]) - 80) : t.find(token[:10]) + 80] for t in texts if token[:10] in t]
     assert leaks == [], leaks
     # Nothing in the build configuration puts a token into the image.
     cog_yaml = (Path(__file__).resolve().parent.parent / "cog.yaml").read_text()

@@ -1,4 +1,5 @@
 """The committed Cog schema matches predict.py, and predict.py's declarations agree with flashsd.request."""
+
 import ast
 import json
 import subprocess
@@ -65,7 +66,9 @@ def test_declared_limits_agree_with_the_request_rules():
 def _schema_script(*args, cwd=PROJECT_ROOT):
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "scripts" / "openapi-schema"), *args],
-        cwd=cwd, capture_output=True, text=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
     )
 
 
