@@ -774,3 +774,13 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_
     assert path.read_bytes()[:2] == b"\x80\x02"
     header = loras.read_header(path, "lora_weights", "padded.safetensors")
     assert header.layers and header.metadata["pad"] == "x" * padding
+
+
+def test_after_a_style_lora_is_dropped_diffusers_records_the_flash_lora_alone(engine, url):
+    e = engine("sd15")
+    e.loras.apply(())
+    fused_before = set(e.pipe.fused_loras)
+    generate(e, lora_weights=url("sd15-kohya"))
+    assert set(e.pipe.fused_loras) > fused_before  # diffusers counts the style LoRA while it is fused
+    e.loras.apply(())
+    assert set(e.pipe.fused_loras) == fused_before and e.pipe.num_fused_loras == 1
