@@ -93,17 +93,22 @@ def test_beyond_the_limit_the_answer_is_409(served):
 def test_a_cancelled_prediction_is_dropped_while_the_others_finish(served):
     served.wait_ready()
     ids = [uuid.uuid4().hex for _ in range(3)]
-    slow = {**SMALL, "width": 256, "height": 256, "num_inference_steps": 8, "prompt": "a cat"}
+    quick = {**SMALL, "width": 256, "height": 256, "prompt": "a cat"}
+    slow = {**SMALL, "width": 1024, "height": 1024, "num_inference_steps": 8, "prompt": "a cat"}  # seconds on a CPU
     answers = {}
 
     def put(i):
-        answers[i] = requests.put(f"{served.url}/predictions/{ids[i]}", json={"input": dict(slow, seed=i)}, timeout=300)
+        inputs = dict(slow if i == 1 else quick, seed=i)
+        answers[i] = requests.put(f"{served.url}/predictions/{ids[i]}", json={"input": inputs}, timeout=300)
 
     threads = [threading.Thread(target=put, args=(i,)) for i in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
-    assert requests.post(f"{served.url}/predictions/{ids[1]}/cancel", timeout=10).status_code == 200
+    deadline = time.monotonic() + 30  # on a loaded machine coglet may take a moment to know the prediction
+    while (cancel := requests.post(f"{served.url}/predictions/{ids[1]}/cancel", timeout=10)).status_code == 404:
+        assert time.monotonic() < deadline, "the prediction never became known to the server"
+        time.sleep(0.05)
+    assert cancel.status_code == 200
     for thread in threads:
         thread.join()
     statuses = [answers[i].json()["status"] for i in range(3)]
