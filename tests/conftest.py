@@ -32,3 +32,21 @@ def engines(tiny_weights):
         return loaded[key]
 
     return get
+
+
+@pytest.fixture
+def unpickling(monkeypatch) -> list:
+    """Every attempt to unpickle (torch.load, pickle.load/loads) is refused and recorded in the returned list."""
+    import pickle
+
+    import torch
+
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:1])
+        raise AssertionError("pickle loaded")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+    return attempts

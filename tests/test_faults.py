@@ -484,7 +484,7 @@ def test_a_pickle_only_folder_fails_setup_naming_the_missing_safetensors_and_the
 
 @pytest.mark.parametrize("key", list(MODELS))
 def test_nothing_is_ever_unpickled_even_with_pickle_files_beside_the_safetensors(
-    tiny_weights, tmp_path, monkeypatch, key
+    tiny_weights, tmp_path, unpickling, key
 ):
     root = copy_model(tiny_weights, tmp_path, key)
     for path in [denoiser_file(root, key), adapter_file(root, key)]:
@@ -496,15 +496,7 @@ def test_nothing_is_ever_unpickled_even_with_pickle_files_beside_the_safetensors
             "pytorch_model.bin",
         ):
             torch.save(tensors, path.parent / name)
-    unpickled = []
-
-    def refuse(*args, **kwargs):
-        unpickled.append(args[:1])
-        raise AssertionError("pickle loaded")
-
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
+    unpickled = unpickling
     Engine.load(MODELS[key], root, CPU32)
     assert unpickled == []
 

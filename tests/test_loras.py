@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import random
 from pathlib import Path
 
@@ -429,17 +428,9 @@ def bad_files(tmp_path: Path, lora_file) -> dict[str, tuple[Path, str]]:
     }  # fmt: skip
 
 
-def test_bad_lora_files_are_refused_before_loading_and_the_model_is_untouched(spied, tmp_path, lora_file, monkeypatch):
+def test_bad_lora_files_are_refused_before_loading_and_the_model_is_untouched(spied, tmp_path, lora_file, unpickling):
     e, calls, before = spied("sdxl")
-    unpickled = []
-
-    def refuse(*args, **kwargs):
-        unpickled.append(args[:1])
-        raise AssertionError("pickle loaded")
-
-    monkeypatch.setattr(torch, "load", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
+    unpickled = unpickling
     with LoraServer() as server:
         for kind, (path, message) in bad_files(tmp_path, lora_file).items():
             source = server.add(f"/{kind.replace(' ', '-')}", path.read_bytes())  # no extension: CivitAI-like
