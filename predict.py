@@ -8,7 +8,6 @@ compatible ones share one pipeline call (flashsd.batching), the blocking work ru
 
 import asyncio
 import logging
-import os
 from typing import List, Optional
 
 from cog import BasePredictor, Input, Path, concurrent
@@ -18,10 +17,10 @@ from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tem
 from flashsd.download import ensure_weights
 from flashsd.engine import Engine
 from flashsd.images import write_outputs
-from flashsd.models import selected_model
+from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.runtime import select_runtime
-from flashsd.weights import default_root
+from flashsd.settings import Settings
 
 
 class Predictor(BasePredictor):
@@ -29,14 +28,13 @@ class Predictor(BasePredictor):
         """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         use_private_tempdir()  # in the Cog worker: input copies and outputs in a folder of its own (see predict)
-        runtime = select_runtime()  # first: FLASHSD_DEVICE=cuda without a usable GPU fails before any download
-        self.model = selected_model()
-        root = default_root()
-        ensure_weights(self.model, root)
-        self.engine = Engine.load(self.model, root, runtime)
+        settings = Settings.from_environ()  # every setting read and checked once: a bad one fails setup here
+        runtime = select_runtime(settings.device)  # FLASHSD_DEVICE=cuda without a usable GPU fails before any download
+        self.model = MODELS[settings.model]
+        ensure_weights(self.model, settings.weights_root)
+        self.engine = Engine.load(self.model, settings.weights_root, runtime, settings)
         self.batcher = engine_batcher(self.engine, self.engine.batch_budget)
-        in_flight = os.environ.get("COG_MAX_CONCURRENCY", "")
-        in_flight = int(in_flight) if in_flight.isdigit() and int(in_flight) > 0 else 1  # coglet: 1 unless valid
+        in_flight = settings.max_concurrency
         self.outputs = OutputFolders(keep=in_flight)  # the folders of predictions still being delivered
         # Concurrent requests' input copies may be arriving: sweep only those older than any live request.
         self.stale_input_s = 0 if in_flight == 1 else 900

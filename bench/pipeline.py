@@ -385,7 +385,7 @@ def report_throughput(results: dict) -> str:
 
 def layout(engine: Engine, size: int, repeats: int) -> dict:
     """Denoiser forward and VAE decode in NCHW (the eager default) against channels_last, on inputs
-    captured from a real call. On a CUDA GPU this is what decides speed.EAGER_CHANNELS_LAST."""
+    captured from a real call. On a CUDA GPU this decides whether eager should run channels_last too."""
     pipe, model = engine.pipe, engine.model
     denoiser = getattr(pipe, model.denoiser)
     captured = {}

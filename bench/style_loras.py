@@ -77,6 +77,7 @@ def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int)
     from flashsd import loras
     from flashsd.models import MODELS
     from flashsd.request import parse_lora_source
+    from flashsd.settings import LoraSettings
     from testkit.lora_server import LoraServer
 
     started = time.perf_counter()
@@ -86,7 +87,7 @@ def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int)
     with tempfile.TemporaryDirectory(prefix="flashsd-bench-loras-") as tmp, LoraServer() as server:
         layers, size = write_kohya_lora(Path(tmp) / "style.safetensors", key, unet)
         url = server.add("/style.safetensors", (Path(tmp) / "style.safetensors").read_bytes())
-        settings = loras.Settings(cache_bytes=10**11, max_file_bytes=10**11, memory_bytes=1, timeout_s=60)
+        settings = LoraSettings(cache_bytes=10**11, max_file_bytes=10**11, memory_bytes=1, timeout_s=60)
         manager = loras.StyleLoras(MODELS[key], pipe, Path(tmp) / "root", settings)  # memory cache off: disk reads
         lora = loras.StyleLora("lora_weights", parse_lora_source(url, "lora_weights"), 1.0)
         manager.apply([lora])  # downloaded into the disk cache once; the originals copied, once

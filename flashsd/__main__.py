@@ -14,12 +14,12 @@ from pathlib import Path
 
 from .download import ensure_weights
 from .engine import Engine
-from .errors import DeviceError, InputError, WeightsError
+from .errors import DeviceError, InputError, SettingsError, WeightsError
 from .images import write_outputs
-from .models import MODELS, selected_model
+from .models import MODELS
 from .request import build_request, size_table
 from .runtime import select_runtime
-from .weights import default_root
+from .settings import Settings
 
 
 def _parse_inputs(pairs: list[str]) -> dict:
@@ -39,12 +39,13 @@ def _parse_inputs(pairs: list[str]) -> dict:
 
 
 def predict(args) -> int:
-    model = selected_model(args.model)
-    root = Path(args.weights) if args.weights else default_root()
+    settings = Settings.from_environ()
+    model = MODELS[args.model or settings.model]
+    root = Path(args.weights) if args.weights else settings.weights_root
     request = build_request(model, **_parse_inputs(args.input))  # fail on bad input before loading
-    runtime = select_runtime()
+    runtime = select_runtime(settings.device)
     ensure_weights(model, root)
-    engine = Engine.load(model, root, runtime)
+    engine = Engine.load(model, root, runtime, settings)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in write_outputs(engine.generate(request), request, model, out):
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return predict(args)
-    except (InputError, WeightsError, DeviceError) as error:
+    except (InputError, WeightsError, DeviceError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, InputError) else 1
 

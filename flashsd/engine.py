@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import inspect
 import logging
-import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from . import adapter, logs, loras, speed
+from . import adapter, errors, logs, loras, speed
 from .models import FlashModel
 from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
@@ -26,12 +25,12 @@ from .request import GenerationRequest, build_request, distinct_sizes
 from .runtime import Runtime, select_runtime
 from .safety import ImagesFlagged, SafetyChecker
 from .schedulers import FlashFlowMatchEulerDiscreteScheduler
+from .settings import Settings
 from .weights import repo_dir, weights_problems
 
 log = logging.getLogger("flashsd")
 
 WARM_UP_PROMPT = "a photo of a lighthouse at dawn"
-DEFAULT_BATCH_MEGAPIXELS = 4.2  # images in one shared call (batch_budget); FLASHSD_BATCH_MEGAPIXELS overrides
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,16 @@ class Engine:
     Text-to-image runs `pipe`; image-to-image and inpainting run the model table's pipelines built on the
     same component objects (`pipeline_for`), so switching modes loads and allocates no weights."""
 
-    def __init__(self, model: FlashModel, pipe, runtime: Runtime, safety_checker: SafetyChecker | None = None):
+    def __init__(
+        self,
+        model: FlashModel,
+        pipe,
+        runtime: Runtime,
+        safety_checker: SafetyChecker | None = None,
+        settings: Settings | None = None,
+    ):
         self.model = model
+        self.settings = settings or Settings()
         self.pipe = pipe
         self.runtime = runtime
         self.safety_checker = safety_checker
@@ -116,19 +123,21 @@ class Engine:
         return [self.pipe.scheduler, *(p.scheduler for p in self._mode_pipelines.values())]
 
     @classmethod
-    def load(cls, model: FlashModel, root: Path, runtime: Runtime | None = None) -> Engine:
+    def load(
+        cls, model: FlashModel, root: Path, runtime: Runtime | None = None, settings: Settings | None = None
+    ) -> Engine:
         """Load `model` from the weights `root`. A missing, damaged or unfit file is a WeightsError naming it and
-        the command that fixes it."""
-        runtime = runtime or select_runtime()
+        the command that fixes it. `settings`: the container's (default: every default; nothing read here)."""
+        settings = settings or Settings()
+        runtime = runtime or select_runtime(settings.device)
         logs.leave_out_known_noise()
         with weights_problems(model, root):
-            engine = cls._load(model, Path(root), runtime)
+            engine = cls._load(model, Path(root), runtime, settings)
         engine.speed = speed.apply_speedups(engine.pipe, model, runtime)
         if model.lora_family:
-            engine.loras = loras.StyleLoras(model, engine.pipe, Path(root))
-        settings = speed.compile_settings(root, runtime)
-        if settings.enabled:
-            engine.compile(settings)
+            engine.loras = loras.StyleLoras(model, engine.pipe, Path(root), settings.loras)
+        if settings.compile:
+            engine.compile(speed.compile_settings(root, runtime, enabled=True, mode=settings.compile_mode))
         return engine
 
     def compile(
@@ -143,7 +152,7 @@ class Engine:
         return self.speed
 
     @classmethod
-    def _load(cls, model: FlashModel, root: Path, runtime: Runtime) -> Engine:
+    def _load(cls, model: FlashModel, root: Path, runtime: Runtime, settings: Settings) -> Engine:
         started = time.perf_counter()
         base = repo_dir(root, model.base)
         common = dict(dtype=runtime.dtype, local_files_only=True, use_safetensors=True, device_map=runtime.device.type)
@@ -169,7 +178,7 @@ class Engine:
         checker = None
         if model.safety_checker is not None:
             checker = SafetyChecker.load(root, model.safety_checker, runtime.device, runtime.dtype)
-        engine = cls(model, pipe, runtime, checker)
+        engine = cls(model, pipe, runtime, checker, settings)
         for mode in engine.modes:
             engine.pipeline_for(mode)  # built now, so a problem shows in setup
         return engine
@@ -231,7 +240,7 @@ class Engine:
 
     def generate(self, request: GenerationRequest, stop: Callable[[], bool] | None = None) -> list[GeneratedImage]:
         """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all). `stop()`
-        true between two steps ends the call with logs.Stopped (a cancelled prediction frees the device).
+        true between two steps ends the call with errors.Stopped (a cancelled prediction frees the device).
 
         Out of memory becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or
         cancellation the engine's modules and schedulers are restored, so the worker, which Cog never
@@ -252,7 +261,7 @@ class Engine:
     ) -> tuple[loras.AppliedLora, ...]:
         """Fuse the request's style LoRAs into the model (and remove the last prediction's): nothing to do when they
         are the same as the last prediction's. A LoRA that cannot be used is a LoraError, the model unchanged;
-        `stop()` true ends a download or a load (logs.Stopped, the model restored)."""
+        `stop()` true ends a download or a load (errors.Stopped, the model restored)."""
         if self.loras is None:
             if request.loras:
                 raise loras.LoraError(
@@ -300,7 +309,7 @@ class Engine:
 
         def check(module, args):
             if stop():
-                raise logs.Stopped("stopped inside a denoising step: no prediction waits for these images")
+                raise errors.Stopped("stopped inside a denoising step: no prediction waits for these images")
 
         denoiser = getattr(self.pipe, self.model.denoiser)
         blocks = [block for blocks in denoiser.modules() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
@@ -355,8 +364,8 @@ class Engine:
         if key[0] == "alone":
             return 1
         width, height, _, guidance = key[:4]
-        megapixels = float(os.environ.get("FLASHSD_BATCH_MEGAPIXELS") or DEFAULT_BATCH_MEGAPIXELS)
-        return max(1, int(megapixels * 1e6 // (width * height * (2 if guidance > 1 else 1))))
+        pixels = self.settings.batch_megapixels * 1e6
+        return max(1, int(pixels // (width * height * (2 if guidance > 1 else 1))))
 
     def generate_together(
         self,
@@ -367,7 +376,7 @@ class Engine:
         """Requests of one batch_key as one pipeline call. Each keeps its own generators (so its images equal those
         it gets alone), seeds, safety verdicts and log lines (`says[i]` logs as request i's); a request whose every
         image is flagged gets its ImagesFlagged, the others their images. `stop()` true between steps ends the call
-        (logs.Stopped). A failure of the call is raised for the caller to retry the requests one by one."""
+        (errors.Stopped). A failure of the call is raised for the caller to retry the requests one by one."""
         first = requests[0]
         for request, say in zip(requests, says):
             for warning in truncated_prompt_warnings(

@@ -1,4 +1,4 @@
-"""The two kinds of failure a person can act on. Anything else is a bug and keeps its traceback."""
+"""The failures a person can act on, and the cancellation of a call. Anything else is a bug and keeps its traceback."""
 
 
 class InputError(ValueError):
@@ -11,3 +11,12 @@ class WeightsError(RuntimeError):
 
 class DeviceError(RuntimeError):
     """No usable device for the configured runtime (FLASHSD_DEVICE=cuda without a working GPU)."""
+
+
+class Stopped(Exception):
+    """A call (a pipeline call, a LoRA download or load) ended early because no prediction waits for its result
+    any more (every one it served was cancelled)."""
+
+
+class SettingsError(ValueError):
+    """A setting of the container (an environment variable) with a value it cannot run with: fails setup."""

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from .errors import Stopped
+
 log = logging.getLogger("flashsd")
 
 # (logger, message pattern) of what is left out.
@@ -44,10 +46,6 @@ def leave_out_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _LeaveOut) and f.pattern is pattern for f in logger.filters):
             logger.addFilter(_LeaveOut(pattern))
-
-
-class Stopped(Exception):
-    """A pipeline call stopped between steps because no prediction waits for its images any more."""
 
 
 Say = Callable[..., None]  # logging.Logger.log's signature: (level, message, *args)

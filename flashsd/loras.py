@@ -45,12 +45,12 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 from . import adapter
-from .errors import InputError
+from .errors import InputError, Stopped
 from .hub_errors import redact, status_of
-from .logs import Stopped
 from .models import MODELS, FlashModel
 from .recovery import free_memory, is_out_of_memory
 from .request import LoraSource, StyleLora, pickle_message
+from .settings import LoraSettings
 from .weights import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -60,12 +60,6 @@ log = logging.getLogger("flashsd")
 
 FOLDER = ".loras"  # under the weights root
 GB = 1e9
-DEFAULTS = {  # environment variable: default (GB, or seconds)
-    "FLASHSD_LORA_CACHE_GB": 10.0,  # LoRA files kept on disk
-    "FLASHSD_LORA_MAX_GB": 2.0,  # one LoRA file
-    "FLASHSD_LORA_MEMORY_GB": 2.0,  # state dicts kept in memory
-    "FLASHSD_LORA_TIMEOUT_S": 30.0,  # a download that sends nothing for this long fails
-}
 ADAPTER_NAMES = ("style", "extra")  # diffusers adapter names of the first and second LoRA
 STALE_PARTIAL_S = 3600  # partial downloads older than this were left by a killed process
 # The text-embedding width each family's UNet cross-attends to (`cross_attention_dim` in their UNet configs:
@@ -77,7 +71,7 @@ _BASE_VERSIONS = (("sdxl", "SDXL"), ("sd_v1", "SD1.5"), ("sd_v2", "SD2"), ("sd3"
 # per layer, read only when diffusers loads the file itself.
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 
-Stop = Callable[[], bool] | None  # true once no prediction waits for the result (a cancel): then logs.Stopped
+Stop = Callable[[], bool] | None  # true once no prediction waits for the result (a cancel): then Stopped
 
 
 def _check_stop(stop: Stop) -> None:
@@ -112,32 +106,6 @@ def hide_url_queries_in_logs() -> None:
     logger = logging.getLogger("httpx2")
     if not any(isinstance(f, _WithoutQueries) for f in logger.filters):
         logger.addFilter(_WithoutQueries())
-
-
-@dataclass(frozen=True)
-class Settings:
-    cache_bytes: int
-    max_file_bytes: int
-    memory_bytes: int
-    timeout_s: float
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        values = {}
-        for name, default in DEFAULTS.items():
-            text = os.environ.get(name, "").strip()
-            try:
-                values[name] = float(text) if text else default
-            except ValueError:
-                raise ValueError(f"{name}={text!r} is not a number (default {default:g}).") from None
-            if not values[name] > 0:
-                raise ValueError(f"{name}={text!r} must be above 0 (default {default:g}).")
-        return cls(
-            cache_bytes=int(values["FLASHSD_LORA_CACHE_GB"] * GB),
-            max_file_bytes=int(values["FLASHSD_LORA_MAX_GB"] * GB),
-            memory_bytes=int(values["FLASHSD_LORA_MEMORY_GB"] * GB),
-            timeout_s=values["FLASHSD_LORA_TIMEOUT_S"],
-        )
 
 
 @dataclass(frozen=True)
@@ -277,7 +245,7 @@ class CachedFile:
 class DiskCache:
     """LoRA files under `folder`, keyed by source, least recently used evicted beyond `settings.cache_bytes`."""
 
-    def __init__(self, folder: Path, settings: Settings):
+    def __init__(self, folder: Path, settings: LoraSettings):
         self.folder = folder
         self.settings = settings
         self._remove_stale_partials()
@@ -381,7 +349,7 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(partial, path)
 
 
-def _too_large(input_name: str, shown: str, size: int, settings: Settings) -> LoraError:
+def _too_large(input_name: str, shown: str, size: int, settings: LoraSettings) -> LoraError:
     return LoraError(
         f"{input_name}: {shown} is {_human(size)}, more than the {_human(settings.max_file_bytes)} a LoRA file may "
         "have here (FLASHSD_LORA_MAX_GB): use a smaller LoRA (a lower rank, or saved in fp16)."
@@ -408,7 +376,7 @@ def _hide_query(text: str, url: str) -> str:
     return text
 
 
-def _download_url(source: LoraSource, partial: Path, input_name: str, settings: Settings, make_room, stop: Stop):
+def _download_url(source: LoraSource, partial: Path, input_name: str, settings: LoraSettings, make_room, stop: Stop):
     """Stream `source.url` into `partial`; (file name, size). Any failure is a LoraError saying what to do.
     `make_room(n)` is called once the size is announced, before the body is read; `stop` between chunks."""
     import httpx2
@@ -480,7 +448,7 @@ def _http_message(input_name: str, shown: str, status: int) -> str:
     return f"{input_name}: {shown} answered HTTP {status}: check the URL."
 
 
-def _download_hub(source: LoraSource, partial: Path, input_name: str, settings: Settings, make_room, stop: Stop):
+def _download_hub(source: LoraSource, partial: Path, input_name: str, settings: LoraSettings, make_room, stop: Stop):
     """Fetch a LoRA file from a Hugging Face repo with huggingface_hub into `partial`; (file name, size)."""
     from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_token, hf_hub_download, hf_hub_url
 
@@ -542,7 +510,7 @@ def _single_lora_file(repo: str, files: list[str], input_name: str) -> str:
     )
 
 
-def _hub_message(e: BaseException, input_name: str, repo: str, filename, endpoint: str, settings: Settings):
+def _hub_message(e: BaseException, input_name: str, repo: str, filename, endpoint: str, settings: LoraSettings):
     import httpx2
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -650,7 +618,7 @@ class StyleLoras:
     model: FlashModel
     pipe: object
     root: Path
-    settings: Settings = field(default_factory=Settings.from_env)
+    settings: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
         self.disk = DiskCache(Path(self.root) / FOLDER, self.settings)
@@ -676,7 +644,7 @@ class StyleLoras:
     def apply(self, wanted: Sequence[StyleLora], stop: Stop = None) -> tuple[AppliedLora, ...]:
         """Make the pipeline's weights those of the Flash model plus exactly `wanted` (fused); returns what the images'
         metadata says of them. LoraError (nothing changed) for a LoRA that cannot be used. `stop()` true (the
-        prediction was cancelled) ends a download between chunks, or the load before fusing, with logs.Stopped,
+        prediction was cancelled) ends a download between chunks, or the load before fusing, with Stopped,
         the model restored."""
         key = tuple((lora.source.key, lora.scale) for lora in wanted)
         if key == self._fused:

@@ -5,7 +5,6 @@ Everything model-specific lives here as data. Adding a fifth Flash model is one 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -249,11 +248,3 @@ PIXART = FlashModel(
 
 MODELS: dict[str, FlashModel] = {m.key: m for m in (SDXL, SD3, SD15, PIXART)}
 DEFAULT_MODEL = "sdxl"
-
-
-def selected_model(key: str | None = None) -> FlashModel:
-    """The model named by `key`, else by FLASHSD_MODEL, else the default."""
-    key = key or os.environ.get("FLASHSD_MODEL") or DEFAULT_MODEL
-    if key not in MODELS:
-        raise ValueError(f"Unknown Flash model {key!r} (FLASHSD_MODEL): choose one of {', '.join(MODELS)}.")
-    return MODELS[key]

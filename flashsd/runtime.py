@@ -9,10 +9,8 @@ cpu   the CPU in fp32, even with a GPU
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import torch
 from .errors import DeviceError
 
 DEVICE_VARIABLE = "FLASHSD_DEVICE"
-DEVICES = ("auto", "cuda", "cpu")
 # The oldest Linux driver branch each CUDA version of a torch build runs on (NVIDIA's CUDA release notes,
 # "CUDA Toolkit and Corresponding Driver Versions"; minor-version compatibility aside).
 MIN_DRIVER = {"13.0": "580", "12.8": "570", "12.6": "560", "12.4": "550"}
@@ -42,16 +39,9 @@ CPU = Runtime(torch.device("cpu"), torch.float32)
 CUDA = Runtime(torch.device("cuda"), torch.float16)  # with the fp16-safe VAE
 
 
-def select_runtime(environ: Mapping[str, str] | None = None) -> Runtime:
-    """The runtime FLASHSD_DEVICE asks for (see the module's docstring); DeviceError when it cannot be had."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(DEVICE_VARIABLE, "")
-    choice = raw.strip().lower() or "auto"
-    if choice not in DEVICES:
-        raise DeviceError(
-            f"{DEVICE_VARIABLE}={raw!r} is not a device: use one of {', '.join(DEVICES)} "
-            "(auto: the GPU when torch can use it, else the CPU; cuda: the GPU or fail; cpu: the CPU)."
-        )
+def select_runtime(choice: str = "auto") -> Runtime:
+    """The runtime FLASHSD_DEVICE (`choice`, one of settings.DEVICES, checked there) asks for (see the module's
+    docstring); DeviceError when it cannot be had."""
     if choice == "cpu":
         return CPU
     available, driver_warning = _cuda_available()

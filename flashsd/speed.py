@@ -38,14 +38,9 @@ from .runtime import Runtime
 
 log = logging.getLogger("flashsd")
 
-COMPILE_ENV = "FLASHSD_COMPILE"  # 1: compiled mode; unset or 0: eager
-COMPILE_MODE_ENV = "FLASHSD_COMPILE_MODE"  # torch.compile mode, e.g. max-autotune-no-cudagraphs (default: default)
 CACHE_FOLDER = ".torch-compile-cache"
 MEGA_CACHE_SUFFIX = ".megacache"
 WARM_UP_BATCHES = (1, 2)
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 # Regional compilation: the blocks each denoiser repeats. diffusers 0.42 declares `_repeated_blocks` on
 # UNet2DConditionModel (BasicTransformerBlock) and compiles them in `compile_repeated_blocks`; the SD3 and
@@ -60,10 +55,6 @@ REPEATED_BLOCKS: Mapping[str, tuple[str, ...]] = {
 EXTRA_REGIONS: Mapping[str, tuple[str, ...]] = {"UNet2DConditionModel": ("ResnetBlock2D",)}
 # Convolutional components that run channels_last when compiled.
 CHANNELS_LAST_CLASSES = ("UNet2DConditionModel", "AutoencoderKL")
-# Whether eager CUDA runs the UNet and VAE channels_last as well. Off: PyTorch's CUDA GroupNorm makes its
-# input contiguous (NCHW), so eager channels_last adds two layout copies around each of the UNet's and
-# VAE's GroupNorms; `bench/run.py --sections layout` measures both layouts on a GPU.
-EAGER_CHANNELS_LAST = False
 
 
 @dataclass(frozen=True)
@@ -101,18 +92,11 @@ def device_name(runtime: Runtime) -> str:
     return runtime.device.type
 
 
-def compile_settings(root: Path | str, runtime: Runtime, environ: Mapping[str, str] | None = None) -> CompileSettings:
-    """Read FLASHSD_COMPILE / FLASHSD_COMPILE_MODE. The cache folder is keyed by torch version and device,
-    since compiled kernels are only valid for those."""
-    environ = os.environ if environ is None else environ
-    value = environ.get(COMPILE_ENV, "").strip().lower()
-    if value not in _TRUE + _FALSE:
-        raise ValueError(
-            f"{COMPILE_ENV}={environ[COMPILE_ENV]!r}: set it to 1 for compiled mode, or 0 / leave it unset for eager."
-        )
-    mode = environ.get(COMPILE_MODE_ENV, "").strip() or None
+def compile_settings(root: Path | str, runtime: Runtime, enabled: bool, mode: str | None = None) -> CompileSettings:
+    """Compiled mode as FLASHSD_COMPILE / FLASHSD_COMPILE_MODE ask (flashsd.settings). The cache folder is keyed
+    by torch version and device, since compiled kernels are only valid for those."""
     cache_dir = Path(root) / CACHE_FOLDER / _slug(f"torch-{torch.__version__}-{device_name(runtime)}")
-    return CompileSettings(enabled=value in _TRUE, mode=mode, cache_dir=cache_dir)
+    return CompileSettings(enabled=enabled, mode=mode, cache_dir=cache_dir)
 
 
 # --- what the fast path looks like ---------------------------------------------------------------------
@@ -179,14 +163,12 @@ def _channels_last(pipe, model: FlashModel) -> list[str]:
 
 def apply_speedups(pipe, model: FlashModel, runtime: Runtime) -> SpeedState:
     """The eager path's own settings: diffusers' defaults are already the fast ones (see the module
-    docstring), so this only checks them, and on CUDA applies channels_last if EAGER_CHANNELS_LAST."""
-    state = SpeedState()
+    docstring), so this only checks them (channels_last stays a compiled-mode setting until a GPU run of
+    `bench/run.py --sections layout` shows eager gains from it)."""
     problems = fast_path_problems(pipe, model, runtime.dtype)
     if problems:
         log.warning("Slower than it should be: %s", "; ".join(problems))
-    if runtime.device.type == "cuda" and EAGER_CHANNELS_LAST:
-        state.channels_last = _channels_last(pipe, model)
-    return state
+    return SpeedState()
 
 
 # --- compiled mode -----------------------------------------------------------------------------------

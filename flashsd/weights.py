@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,12 +26,6 @@ log = logging.getLogger("flashsd")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-
-
-def default_root() -> Path:
-    """`FLASHSD_WEIGHTS` if set, else `weights/` in the project root (beside predict.py)."""
-    env = os.environ.get("FLASHSD_WEIGHTS")
-    return Path(env).expanduser().resolve() if env else PROJECT_ROOT / "weights"
 
 
 def repo_dir(root: Path | str, repo: HubRepo) -> Path:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashsd import logs
+from flashsd import errors
 from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.safety import ImagesFlagged
+from flashsd.settings import Settings
 
 SMALL = dict(aspect_ratio="custom", width=64, height=64)
 
@@ -80,7 +81,7 @@ def test_a_call_nobody_waits_for_stops_at_once_and_the_engine_is_unchanged(engin
     requests = [request("sd3", "a cat", seed) for seed in (5, 6)]
     before = pixels(engine.generate(requests[0])[0].image)
     say = Lines()
-    with pytest.raises(logs.Stopped):
+    with pytest.raises(errors.Stopped):
         engine.generate_together(requests, [say, Lines()], stop=lambda: True)
     assert sum("%|" in line for line in say.lines) == 0  # stopped inside the first step, before its end
     assert np.array_equal(pixels(engine.generate(requests[0])[0].image), before)
@@ -106,7 +107,6 @@ def test_requests_that_cannot_share_a_call_get_keys_of_their_own(engines):
 
 def test_the_image_budget_follows_the_size_and_guidance(engines, monkeypatch):
     engine = engines("sdxl")
-    monkeypatch.delenv("FLASHSD_BATCH_MEGAPIXELS", raising=False)
     key = engine.batch_key(request("sdxl", "a cat", 1, width=1024, height=1024))
     assert engine.batch_budget(key) == 4
     assert engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, width=512, height=512))) == 16
@@ -114,6 +114,6 @@ def test_the_image_budget_follows_the_size_and_guidance(engines, monkeypatch):
         engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, width=1024, height=1024, guidance_scale=2)))
         == 2
     )
-    monkeypatch.setenv("FLASHSD_BATCH_MEGAPIXELS", "8.4")
+    monkeypatch.setattr(engine, "settings", Settings.from_environ({"FLASHSD_BATCH_MEGAPIXELS": "8.4"}))
     assert engine.batch_budget(key) == 8
     assert engine.batch_budget(engine.batch_key(request("sdxl", "a cat", 1, image=None, width=2048, height=2048))) == 2

@@ -29,11 +29,12 @@ from flashsd import loras
 from flashsd.engine import Engine
 from flashsd.errors import InputError
 from flashsd.images import write_outputs
-from flashsd.loras import LoraError, Settings, StateDicts, StyleLoras
+from flashsd.loras import LoraError, StateDicts, StyleLoras
 from flashsd.models import MODELS
 from flashsd.request import build_request, parse_lora_source
 from flashsd.runtime import Runtime
 from flashsd.schedulers import FlashFlowMatchEulerDiscreteScheduler
+from flashsd.settings import LoraSettings
 from testkit.fake_hub import FakeHub
 from testkit.lora_files import addnet_hash, write_lora, write_pickle, write_real_shaped
 from testkit.lora_server import LoraServer
@@ -308,7 +309,7 @@ def fresh_loras(root: Path, tiny_weights: Path, **settings) -> StyleLoras:
     """StyleLoras on a freshly loaded tiny SD1.5, its cache under `root`."""
     engine = Engine.load(MODELS["sd15"], tiny_weights, CPU32)
     values = dict(cache_bytes=10**9, max_file_bytes=10**9, memory_bytes=10**9, timeout_s=5.0) | settings
-    return StyleLoras(engine.model, engine.pipe, root, Settings(**values))
+    return StyleLoras(engine.model, engine.pipe, root, LoraSettings(**values))
 
 
 def style(source: str, scale: float = 1.0, input: str = "lora_weights") -> loras.StyleLora:
@@ -536,7 +537,7 @@ def test_a_cancel_while_loading_or_fusing_restores_the_model_and_propagates(engi
 def test_a_cancelled_prediction_stops_its_download_or_its_load_and_the_model_is_restored(engine, url, tmp_path):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from flashsd.logs import Stopped
+    from flashsd.errors import Stopped
 
     e = engine("sd15")
     clean = weights_of(e)

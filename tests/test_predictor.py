@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import predict
-from flashsd.errors import InputError, WeightsError
+from flashsd.errors import InputError, SettingsError, WeightsError
 
 
 def all_inputs(**overrides):
@@ -102,5 +102,5 @@ def test_missing_weights_without_a_hub_name_the_folder_and_the_command(tmp_path,
 
 def test_an_unknown_model_name_lists_the_choices(monkeypatch):
     monkeypatch.setenv("FLASHSD_MODEL", "sd4")
-    with pytest.raises(ValueError, match="sdxl, sd3, sd15, pixart"):
+    with pytest.raises(SettingsError, match="FLASHSD_MODEL='sd4' is not allowed: one of sdxl, sd3, sd15, pixart"):
         predict.Predictor().setup()

@@ -24,35 +24,25 @@ def no_gpu(monkeypatch, tmp_path):
 
 
 def test_auto_is_the_default_and_uses_the_cpu_without_a_gpu(no_gpu):
-    assert select_runtime({}) == CPU32
-    assert select_runtime({"FLASHSD_DEVICE": "auto"}) == CPU32
-    assert select_runtime({"FLASHSD_DEVICE": ""}) == CPU32
+    assert select_runtime() == CPU32
+    assert select_runtime("auto") == CPU32
 
 
 def test_auto_and_cuda_use_the_gpu_in_fp16_when_torch_can(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert select_runtime({}) == CUDA16
-    assert select_runtime({"FLASHSD_DEVICE": "cuda"}) == CUDA16
+    assert select_runtime() == CUDA16
+    assert select_runtime("cuda") == CUDA16
 
 
 def test_cpu_is_the_cpu_even_with_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert select_runtime({"FLASHSD_DEVICE": "cpu"}) == CPU32
-    assert select_runtime({"FLASHSD_DEVICE": " CPU "}) == CPU32
-
-
-def test_an_unknown_value_is_refused_with_the_allowed_ones(no_gpu):
-    with pytest.raises(DeviceError) as error:
-        select_runtime({"FLASHSD_DEVICE": "gpu"})
-    message = str(error.value)
-    assert "FLASHSD_DEVICE='gpu'" in message
-    assert all(value in message for value in ("auto", "cuda", "cpu"))
+    assert select_runtime("cpu") == CPU32
 
 
 def test_cuda_without_a_gpu_on_a_cpu_only_build_says_so(no_gpu, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(DeviceError) as error:
-        select_runtime({"FLASHSD_DEVICE": "cuda"})
+        select_runtime("cuda")
     message = str(error.value)
     assert "a CPU-only build" in message
     assert "no NVIDIA driver found" in message
@@ -62,7 +52,7 @@ def test_cuda_without_a_gpu_on_a_cpu_only_build_says_so(no_gpu, monkeypatch):
 def test_cuda_without_a_driver_names_the_build_the_driver_it_needs_and_the_fix(no_gpu, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     with pytest.raises(DeviceError) as error:
-        select_runtime({"FLASHSD_DEVICE": "cuda"})
+        select_runtime("cuda")
     message = str(error.value)
     assert "CUDA 13.0" in message  # the build
     assert "no NVIDIA driver found" in message  # what is here
@@ -89,8 +79,8 @@ def test_cuda_with_an_old_driver_reports_torchs_finding(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DeviceError) as error:
-            select_runtime({"FLASHSD_DEVICE": "cuda"})
-        assert select_runtime({}) == CPU32  # auto still falls back
+            select_runtime("cuda")
+        assert select_runtime() == CPU32  # auto still falls back
     message = str(error.value)
     assert "supports CUDA up to 12.8" in message and "12080" in message
     assert "580 or newer" in message
@@ -117,7 +107,7 @@ def test_cuda_reads_the_driver_version_from_the_kernel_module(no_gpu, monkeypatc
     monkeypatch.setattr(runtime, "DRIVER_VERSION_FILE", driver_file)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     with pytest.raises(DeviceError) as error:
-        select_runtime({"FLASHSD_DEVICE": "cuda"})
+        select_runtime("cuda")
     message = str(error.value)
     assert f"NVIDIA driver {version}" in message and "CUDA 12.8" in message and "570 or newer" in message
 
@@ -125,7 +115,7 @@ def test_cuda_reads_the_driver_version_from_the_kernel_module(no_gpu, monkeypatc
 def test_an_unlisted_cuda_version_points_to_nvidias_release_notes(no_gpu, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "11.8")
     with pytest.raises(DeviceError, match="NVIDIA's CUDA release notes"):
-        select_runtime({"FLASHSD_DEVICE": "cuda"})
+        select_runtime("cuda")
 
 
 def _cog_yaml() -> dict:

@@ -17,6 +17,7 @@ from flashsd.engine import Engine
 from flashsd.models import MODELS
 from flashsd.request import build_request, distinct_sizes, size_table
 from flashsd.runtime import Runtime
+from flashsd.settings import Settings
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 CPU16 = Runtime(torch.device("cpu"), torch.float16)
@@ -146,19 +147,11 @@ def test_the_prompt_is_encoded_once_for_the_whole_batch(engines, key):
 # --- compiled mode (opt-in) --------------------------------------------------------------------------
 
 
-def test_compile_settings_read_the_environment(tmp_path):
-    off = speed.compile_settings(tmp_path, CPU32, {})
-    assert not off.enabled and off.mode is None
-    assert not speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "0"}).enabled
-    on = speed.compile_settings(
-        tmp_path, CPU32, {"FLASHSD_COMPILE": "1", "FLASHSD_COMPILE_MODE": "max-autotune-no-cudagraphs"}
-    )
+def test_compile_settings_keep_the_cache_beside_the_weights_per_torch_build_and_device(tmp_path):
+    on = speed.compile_settings(tmp_path, CPU32, enabled=True, mode="max-autotune-no-cudagraphs")
     assert on.enabled and on.mode == "max-autotune-no-cudagraphs" and on.backend == "inductor"
-    # beside the weights, keyed by torch build and device
     assert on.cache_dir.parent == tmp_path / ".torch-compile-cache"
     assert torch.__version__.split("+")[0] in on.cache_dir.name and on.cache_dir.name.endswith("cpu")
-    with pytest.raises(ValueError, match="FLASHSD_COMPILE"):
-        speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "fast"})
 
 
 @pytest.mark.parametrize("key", ALL)
@@ -178,10 +171,9 @@ def test_engine_load_compiles_only_when_asked(tiny_weights, monkeypatch):
         return speed.SpeedState(compiled=True)
 
     monkeypatch.setattr(speed, "compile_and_warm_up", compile_and_warm_up)
-    monkeypatch.delenv("FLASHSD_COMPILE", raising=False)
     assert not Engine.load(MODELS["sd15"], tiny_weights, CPU32).speed.compiled and seen == []
-    monkeypatch.setenv("FLASHSD_COMPILE", "1")
-    assert Engine.load(MODELS["sd15"], tiny_weights, CPU32).speed.compiled
+    compiled = Settings.from_environ({"FLASHSD_COMPILE": "1"})
+    assert Engine.load(MODELS["sd15"], tiny_weights, CPU32, compiled).speed.compiled
     assert [s.enabled for s in seen] == [True] and seen[0].cache_dir.is_relative_to(tiny_weights)
 
 
@@ -203,7 +195,7 @@ def test_compiled_mode_captures_whole_regions_and_keeps_the_images(tiny_weights,
     weights, and the images equal eager's."""
     engine = Engine.load(MODELS[key], tiny_weights, CPU32)
     eager = engine.generate(request(key, num_outputs=2))
-    settings = dataclasses.replace(speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1"}), backend="eager")
+    settings = dataclasses.replace(speed.compile_settings(tmp_path, CPU32, enabled=True), backend="eager")
     state = engine.compile(settings, sizes=[(64, 96)], batches=(2,))
     assert state.error is None and state.compiled and state.warm_up_calls == 1
     assert state.compiled_modules[-1] == "vae.decoder" and len(state.compiled_modules) > 1
@@ -232,7 +224,7 @@ def test_a_failed_compile_falls_back_to_eager(tiny_weights, tmp_path, inductor_c
         raise RuntimeError("compiler exploded")
 
     monkeypatch.setattr(engine, "warm_up", broken_warm_up)
-    settings = dataclasses.replace(speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1"}), backend="eager")
+    settings = dataclasses.replace(speed.compile_settings(tmp_path, CPU32, enabled=True), backend="eager")
     state = engine.compile(settings)
     assert not state.compiled and "compiler exploded" in state.error
     assert {type(p).__name__ for p in engine.pipe.unet.attn_processors.values()} == processors  # QKV unfused
@@ -246,7 +238,7 @@ def test_inductor_compile_and_its_cache_beside_the_weights(tiny_weights, tmp_pat
     """The real compiler (inductor, C++ code generation: ~1 min on 2 cores) and a restart reusing its cache."""
     engine = Engine.load(MODELS["sd15"], tiny_weights, CPU32)
     eager = engine.generate(request("sd15"))[0].image
-    settings = speed.compile_settings(tmp_path, CPU32, {"FLASHSD_COMPILE": "1"})
+    settings = speed.compile_settings(tmp_path, CPU32, enabled=True)
     state = engine.compile(settings, sizes=[(64, 96)], batches=(1,))
     assert state.error is None and state.graphs_compiled > 0
     assert max_difference(engine.generate(request("sd15"))[0].image, eager) <= 2

@@ -21,7 +21,7 @@ import pytest
 from flashsd.download import HubUnreachable, download, ensure_weights
 from flashsd.errors import WeightsError
 from flashsd.models import MODELS, FlashModel, HubRepo
-from flashsd.weights import default_root, missing_files, repo_dir
+from flashsd.weights import missing_files, repo_dir
 from testkit.fake_hub import FakeHub, closed_port
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -161,11 +161,7 @@ def assert_snapshot(root: Path, base_files: dict[str, bytes]) -> None:
 # -- layout ------------------------------------------------------------------------------------------------------
 
 
-def test_default_root_and_repo_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("FLASHSD_WEIGHTS", raising=False)
-    assert default_root() == PROJECT / "weights"
-    monkeypatch.setenv("FLASHSD_WEIGHTS", str(tmp_path / "w"))
-    assert default_root() == tmp_path / "w"
+def test_repo_dir_is_the_repos_org_and_name_under_the_root(tmp_path):
     repo = MODELS["sdxl"].vae
     assert repo_dir(tmp_path, repo) == tmp_path / "madebyollin" / "sdxl-vae-fp16-fix"
     with pytest.raises(WeightsError):
