@@ -45,8 +45,8 @@ from urllib.parse import unquote, urlsplit
 import torch
 
 from . import adapter
-from .errors import InputError, Stopped
-from .hub_errors import redact, status_of
+from .errors import InputError, Stopped, redact
+from .hub_errors import status_of
 from .models import MODELS, FlashModel
 from .recovery import free_memory, is_out_of_memory
 from .request import LoraSource, StyleLora, pickle_message

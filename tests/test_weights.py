@@ -590,7 +590,7 @@ def test_partial_files_left_by_a_killed_run_are_removed(hub, root, base_files):
 
     download(tiny_model(base_files), root, log=log)
 
-    assert not partial.exists() and "removed 1.0 KB of partial files" in log.text
+    assert not partial.exists() and "removed 1.00kB of partial files" in log.text
 
 
 def test_unwritable_root_is_a_clear_error(hub, tmp_path, base_files):
