@@ -75,6 +75,8 @@ def _pipeline(key: str, unet):
 
 def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     from flashsd import loras
+    from flashsd.loras.cache import Loaded
+    from flashsd.loras.header import read_header
     from flashsd.models import MODELS
     from flashsd.request import parse_lora_source
     from flashsd.settings import LoraSettings
@@ -100,8 +102,8 @@ def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int)
         for _ in range(repeats):
             gc.collect()
             t = time.perf_counter()
-            header = loras.read_header(cached.path, "lora_weights", "style")
-            manager.check(lora, loras.Loaded(cached.path, header, "style", "", size))
+            header = read_header(cached.path, "lora_weights", "style")
+            manager.check(lora, Loaded(cached.path, header, "style", "", size))
             samples.setdefault("check", []).append(time.perf_counter() - t)
             t = time.perf_counter()
             load_file(cached.path, device="cpu")

@@ -248,3 +248,8 @@ PIXART = FlashModel(
 
 MODELS: dict[str, FlashModel] = {m.key: m for m in (SDXL, SD3, SD15, PIXART)}
 DEFAULT_MODEL = "sdxl"
+
+
+def lora_models() -> str:
+    """The models that take style LoRAs, and the LoRAs each takes, for messages."""
+    return ", ".join(f"{m.title} ({m.key}) with {m.lora_family} LoRAs" for m in MODELS.values() if m.lora_family)

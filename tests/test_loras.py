@@ -29,7 +29,9 @@ from flashsd import loras
 from flashsd.engine import Engine
 from flashsd.errors import InputError
 from flashsd.images import write_outputs
-from flashsd.loras import LoraError, StateDicts, StyleLoras
+from flashsd.loras import LoraError, StyleLoras
+from flashsd.loras.cache import FOLDER, Loaded, StateDicts
+from flashsd.loras.header import Header, read_header
 from flashsd.models import MODELS
 from flashsd.request import build_request, parse_lora_source
 from flashsd.runtime import Runtime
@@ -324,7 +326,7 @@ def test_a_lora_is_downloaded_once_and_switching_back_reads_no_file(tmp_path, ti
         manager.apply([style(a)])
         after_a = weights_of_manager(manager)
         manager.apply([style(b)])
-        for f in (tmp_path / loras.FOLDER).glob("*.safetensors"):  # from here on only memory can serve them
+        for f in (tmp_path / FOLDER).glob("*.safetensors"):  # from here on only memory can serve them
             f.unlink()
         manager.apply([style(a)])
         assert server.gets("/a.safetensors") == 1 and server.gets("/b.safetensors") == 1
@@ -355,9 +357,9 @@ def test_the_disk_cache_evicts_the_least_recently_used_files_beyond_its_bound(tm
             manager.apply([style(urls[n])])
             manager.apply(())
         manager.apply([style(urls["sd15-unet-only"])])  # one must go: the least recently used
-        cached = {json.loads(p.read_text())["name"] for p in (tmp_path / loras.FOLDER).glob("*.json")}
+        cached = {json.loads(p.read_text())["name"] for p in (tmp_path / FOLDER).glob("*.json")}
         assert cached == {"sd15-kohya", "sd15-diffusers-plain", "sd15-unet-only"}
-        assert sum(p.stat().st_size for p in (tmp_path / loras.FOLDER).glob("*.safetensors")) <= bound
+        assert sum(p.stat().st_size for p in (tmp_path / FOLDER).glob("*.safetensors")) <= bound
         manager.apply([style(urls["sd15-kohya"])])
         assert server.gets("/sd15-kohya.safetensors") == 1 and server.gets("/sd15-diffusers.safetensors") == 1
 
@@ -365,8 +367,8 @@ def test_the_disk_cache_evicts_the_least_recently_used_files_beyond_its_bound(tm
 def test_the_memory_cache_keeps_the_most_recent_state_dicts_within_its_bound():
     cache = StateDicts(bound=250)
 
-    def entry(nbytes: int) -> loras.Loaded:
-        return loras.Loaded({"w": torch.zeros(1)}, loras.Header({}, {}), "x", "", nbytes)
+    def entry(nbytes: int) -> Loaded:
+        return Loaded({"w": torch.zeros(1)}, Header({}, {}), "x", "", nbytes)
 
     for key in "abc":
         cache.put(key, entry(100))
@@ -385,7 +387,7 @@ def test_an_interrupted_download_is_never_used_and_the_next_one_starts_afresh(tm
         manager = fresh_loras(tmp_path, tiny_weights)
         with pytest.raises(LoraError, match="interrupted after .* nothing was kept: try again"):
             manager.apply([style(cut)])
-        assert list((tmp_path / loras.FOLDER).iterdir()) == []  # no partial file, no record
+        assert list((tmp_path / FOLDER).iterdir()) == []  # no partial file, no record
         server.add("/cut.safetensors", data)
         manager.apply([style(cut)])
         assert server.gets("/cut.safetensors") == 2
@@ -467,10 +469,10 @@ def test_a_failure_on_the_second_lora_leaves_the_first_predictions_loras_in_plac
     [("/missing", 1000, dict(status=404), "answered HTTP 404 (not found)"),
      ("/private", 1000, dict(status=401), "answered HTTP 401 (not authorized)"),
      ("/busy", 1000, dict(status=503), "answered HTTP 503"),
-     ("/huge", 1000, dict(announce=10**12), "is 1000.00 GB, more than the 2.0 MB a LoRA file may have here (FLASHSD_LORA_MAX_GB)"),
-     ("/huge-stream", 3_000_000, dict(chunked=True), "more than the 2.0 MB a LoRA file may have here"),
+     ("/huge", 1000, dict(announce=10**12), "is 1.00TB, more than the 2.00MB a LoRA file may have here (FLASHSD_LORA_MAX_GB)"),
+     ("/huge-stream", 3_000_000, dict(chunked=True), "more than the 2.00MB a LoRA file may have here"),
      ("/stall", 1000, dict(stall=True), "answered nothing for 1 s"),
-     ("/cut", 100_000, dict(drop_after=1000), "interrupted after 1.0 KB of 100.0 KB")],
+     ("/cut", 100_000, dict(drop_after=1000), "interrupted after 1.00kB of 100kB")],
 )  # fmt: skip
 def test_download_failures_say_what_to_do_and_leave_no_file(
     tmp_path, tiny_weights, caplog, route, size, fault, message
@@ -484,7 +486,7 @@ def test_download_failures_say_what_to_do_and_leave_no_file(
     assert message in str(caught.value), caught.value
     assert "HTTP Request: GET" in caplog.text  # httpx2's request line is there, without the key
     assert "secret-key-123" not in str(caught.value) + caplog.text
-    assert [p.name for p in (tmp_path / loras.FOLDER).iterdir()] == []
+    assert [p.name for p in (tmp_path / FOLDER).iterdir()] == []
 
 
 def test_an_unreachable_host_is_said_in_seconds(tmp_path, tiny_weights):
@@ -764,7 +766,7 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_
     while header_length(padding) & 0xFFFF != 0x0280:  # the serializer pads the header to 8 bytes: nudge
         padding -= 1
     assert path.read_bytes()[:2] == b"\x80\x02"
-    header = loras.read_header(path, "lora_weights", "padded.safetensors")
+    header = read_header(path, "lora_weights", "padded.safetensors")
     assert header.layers and header.metadata["pad"] == "x" * padding
 
 

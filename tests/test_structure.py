@@ -29,7 +29,7 @@ def test_the_graph_script_finds_a_circle(tmp_path):
 
 def test_the_product_imports_no_private_module_of_huggingface_hub_or_cog():
     product = [
-        *sorted((PROJECT / "flashsd").glob("*.py")),
+        *sorted((PROJECT / "flashsd").rglob("*.py")),
         PROJECT / "predict.py",
         *sorted((PROJECT / "scripts").iterdir()),
     ]
@@ -58,7 +58,7 @@ def test_every_third_party_module_the_product_imports_is_pinned():
     pinned |= {"cog", "coglet"}  # the image's SDK: cog.yaml's build.sdk_version, requirements-dev.txt locally
     distributions = importlib.metadata.packages_distributions()
     product = [
-        *sorted((PROJECT / "flashsd").glob("*.py")),
+        *sorted((PROJECT / "flashsd").rglob("*.py")),
         PROJECT / "predict.py",
         *sorted((PROJECT / "scripts").iterdir()),
     ]
