@@ -5,11 +5,11 @@ adapters, combined unfused with `set_adapters(["flash", "style"], [1.0, scale])`
 but runs the forward pass fused, so a prediction with a LoRA costs what one without costs. One concern a module:
 
 - `sources`: what `lora_weights` / `extra_lora` may name: an http(s) URL of a safetensors file (CivitAI download
-  links carry no extension), a Hugging Face repo `owner/name` (its single .safetensors file) or
-  `owner/name/file.safetensors`.
+  links carry no extension) or of a trainer's tar holding `lora.safetensors`, a Hugging Face repo `owner/name` (its
+  single .safetensors file) or `owner/name/file.safetensors`.
 - `fetch`: the download (httpx2, or huggingface_hub with HF_TOKEN, never said), at most FLASHSD_LORA_MAX_GB per file
   (refused from Content-Length or the hub's size before a byte is fetched, and while streaming); a URL's query
-  (where CivitAI keys go) is never logged.
+  (where CivitAI keys go) is never logged. Of a tar only its `lora.safetensors` is read.
 - `header`: only safetensors (a pickle gets a message saying so); the header's layers are parsed by
   flashsd.adapter's key parser, so that `fuse` checks them against the very modules they target (a LoRA of another
   family is refused naming both families) before anything is loaded.

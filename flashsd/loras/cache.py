@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..settings import LoraSettings
-from .fetch import Stop, download_hub, download_url
+from .fetch import Stop, download_hub, download_url, lora_from_tar
 from .header import Header, a1111_hash, display_name, read_header
 from .sources import LoraError, LoraSource
 
@@ -65,7 +65,7 @@ class DiskCache:
         return CachedFile(path, str(meta.get("name") or "lora"), str(meta.get("hash") or ""), size, False)
 
     def fetch(self, source: LoraSource, input_name: str, keep: Sequence[str] = (), stop: Stop = None) -> CachedFile:
-        """The cached file of `source`, downloaded first if need be, then
+        """The cached file of `source`, downloaded first if need be (a trainer's tar unpacked to its LoRA), then
         checked to be a safetensors file."""
         cached = self.lookup(source)
         if cached is not None:
@@ -82,6 +82,7 @@ class DiskCache:
             make_room = lambda n: self.make_room(n, input_name, source.shown, keep)  # noqa: E731
             raw_name, fetched = download(source, partial, input_name, self.settings, make_room, stop)
             seconds = time.perf_counter() - started
+            lora_from_tar(partial, input_name, source.shown, self.settings)
             size = partial.stat().st_size
             header = read_header(partial, input_name, source.shown)  # a non-safetensors file is never kept
             name = display_name(raw_name)

@@ -1,12 +1,14 @@
 """Fetching a LoRA file: over HTTP (httpx2, streamed, bounded, stoppable between chunks) or from a Hugging Face repo
-(huggingface_hub, HF_TOKEN honoured and never said). Every
+(huggingface_hub, HF_TOKEN honoured and never said), and a trainer's tar turned into its `lora.safetensors`. Every
 failure is a LoraError naming the input and saying what to do; no URL's query or user info is ever logged or said."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
+import tarfile
 from collections.abc import Callable
 from email.message import Message
 from pathlib import Path, PurePosixPath
@@ -24,6 +26,10 @@ log = logging.getLogger("flashsd")
 
 Stop = Callable[[], bool] | None  # true once no prediction waits for the result (a cancel): then Stopped
 MakeRoom = Callable[[int], None]  # called with a file's size once it is known, before its body is read
+# What a trainer's tar holds (replicate/cog-sdxl's trained_model.tar at its top, replicate/flux-fine-tuner's under
+# output/flux_train_replicate/; beside it a JSON record and embeddings, never read).
+TAR_MEMBER = "lora.safetensors"
+MAX_TAR_MEMBERS = 1000
 
 
 def check_stop(stop: Stop) -> None:
@@ -212,3 +218,48 @@ def _single_lora_file(repo: str, files: list[str], input_name: str) -> str:
         f"{input_name}: the Hugging Face repo {repo} holds {len(safetensors)} .safetensors files ({listed}): name one "
         f"as {repo}/<file>."
     )
+
+
+# -- a trainer's tar ---------------------------------------------------------------------------------------------
+
+
+def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSettings) -> bool:
+    """When the file at `path` is a tar (a trainer's output), replace it with the tar's `lora.safetensors`; False when
+    it is no tar. That one member is read, never extracted by its own name: no other member, path or link reaches
+    the disk."""
+    try:
+        archive = tarfile.open(path, "r:")  # uncompressed, as trainers write it: no decompression bomb to scan
+    except tarfile.ReadError:
+        return False
+    unpacked = path.with_name(path.name + ".member")
+    try:
+        with archive:
+            members = list(itertools.islice(archive, MAX_TAR_MEMBERS + 1))  # a hostile tar's millions stay unread
+            found = [m for m in members if PurePosixPath(m.name).name == TAR_MEMBER]
+            if len(found) != 1 or len(members) > MAX_TAR_MEMBERS:
+                held = ", ".join(m.name for m in members[:5]) + (" and more" if len(members) > 5 else "")
+                raise LoraError(
+                    f"{input_name}: {shown} is a tar holding {held or 'nothing'}: give a trainer's output tar with "
+                    f"one {TAR_MEMBER} (diffusers' LoRA format) among at most {MAX_TAR_MEMBERS} files, or the URL of "
+                    "the .safetensors file itself."
+                )
+            member = found[0]
+            try:  # tarfile's own extraction filter: no path out of the folder, no link out of it, no device
+                tarfile.data_filter(member, str(path.parent))
+            except tarfile.FilterError as e:
+                raise LoraError(f"{input_name}: {shown} is a tar whose {TAR_MEMBER} is unsafe ({e}).") from None
+            if not member.isreg():
+                raise LoraError(
+                    f"{input_name}: {shown} is a tar whose {member.name} is a link, not a file: give a tar holding "
+                    f"the {TAR_MEMBER} file itself."
+                )
+            if member.size > settings.max_file_bytes:
+                raise too_large(input_name, f"{shown} ({member.name})", member.size, settings)
+            with archive.extractfile(member) as data, open(unpacked, "wb") as f:
+                shutil.copyfileobj(data, f)
+        os.replace(unpacked, path)
+    except tarfile.TarError as e:
+        raise LoraError(f"{input_name}: {shown} is a damaged tar ({e}): fetch it again, or use another copy.") from None
+    finally:
+        unpacked.unlink(missing_ok=True)
+    return True

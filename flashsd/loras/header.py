@@ -101,9 +101,10 @@ def lora_family(header: Header) -> str | None:
 
 
 def display_name(raw: str) -> str:
-    """A LoRA's name as A1111's `<lora:name:scale>` can carry it: the file name without extension, letters, digits and `._-` kept, other characters `_` (A1111 itself strips `:` and
+    """A LoRA's name as A1111's `<lora:name:scale>` can carry it: the file name without extension (.safetensors, or
+    .tar for a trainer's output), letters, digits and `._-` kept, other characters `_` (A1111 itself strips `:` and
     `,` from the names in `Lora hashes`)."""
-    stem = re.sub(r"\.safetensors$", "", PurePosixPath(raw.replace("\\", "/")).name, flags=re.IGNORECASE)
+    stem = re.sub(r"\.(safetensors|tar)$", "", PurePosixPath(raw.replace("\\", "/")).name, flags=re.IGNORECASE)
     name = re.sub(r"[^\w.-]+", "_", stem, flags=re.ASCII).strip("._-")
     return name[:80] or "lora"
 

@@ -66,8 +66,8 @@ def parse_lora_source(text: str, input_name: str) -> LoraSource:
     """The LoRA source `text` names; InputError (naming `input_name`) when it names none flashsd can fetch."""
     text = text.strip()
     forms = (
-        "give the https:// URL of a .safetensors file, a Hugging Face repo as owner/name, or a file in one as "
-        "owner/name/file.safetensors"
+        "give the https:// URL of a .safetensors file (or of a trainer's .tar holding lora.safetensors), a Hugging "
+        "Face repo as owner/name, or a file in one as owner/name/file.safetensors"
     )
     if len(text) > MAX_LORA_SOURCE_CHARS:
         raise InputError(f"{input_name} is {len(text)} characters long (at most {MAX_LORA_SOURCE_CHARS}): {forms}.")
