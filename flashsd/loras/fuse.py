@@ -131,8 +131,7 @@ class StyleLoras:
         self._fused, self.applied = (), ()  # first: a restore cut short (cancelled) is never taken for a fused state
         # diffusers keeps its own record of what fuse_lora fused (`fused_loras`, `num_fused_loras`); with the weights
         # put back by copy rather than unfuse_lora, take the style adapters out of it so it says the Flash LoRA alone.
-        if hasattr(self.pipe, "_merged_adapters"):
-            self.pipe._merged_adapters = self.pipe._merged_adapters - set(ADAPTER_NAMES)
+        self.pipe._merged_adapters = self.pipe._merged_adapters - set(ADAPTER_NAMES)
         if not self._changed:
             return 0
         started, count = time.perf_counter(), len(self._changed)
