@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -191,7 +192,8 @@ def _plan(repo: HubRepo, files: tuple[str, ...], root: Path, ctx: HubContext, lo
     else:
         size = sum(metas[f].size or 0 for f in todo)
         log(
-            f"{repo.id}: fetching {len(todo)} of {len(files)} files at rev {rev} ({tqdm.format_sizeof(size, 'B')}) into {dest}"
+            f"{repo.id}: fetching {len(todo)} of {len(files)} files at rev {rev} ({tqdm.format_sizeof(size, 'B')}) "
+            f"into {dest}"
         )
     return _Plan(repo, dest, report, todo, metas)
 
@@ -352,34 +354,19 @@ def _content_problem(path: Path, meta: HfFileMetadata) -> str | None:
     """None when `path` has the size and hash the hub announced, else what differs."""
     if not path.is_file():
         return "file missing after the transfer"
-    problem = _size_problem(path, meta)
+    problem, size = _size_problem(path, meta), path.stat().st_size
     if problem:
         return problem
     etag = (meta.etag or "").lower()
-    if len(etag) == 64 and _is_hex(etag):
-        got, kind = _sha256(path), "sha256"
-    elif len(etag) == 40 and _is_hex(etag):
-        got, kind = _git_blob_sha1(path), "git sha1"
-    else:
+    if not re.fullmatch("[0-9a-f]{64}|[0-9a-f]{40}", etag):
         return None  # an etag that is no content hash: the size is all we can check
+    # LFS files: the sha256 of the content; other files: git's blob id, the sha1 of `blob <size>\0` and the content.
+    kind, digest = ("sha256", "sha256") if len(etag) == 64 else ("git sha1", lambda: hashlib.sha1(b"blob %d\0" % size))
+    with open(path, "rb") as f:
+        got = hashlib.file_digest(f, digest).hexdigest()
     if got != etag:
         return f"{kind} {got[:12]}..., the hub says {etag[:12]}..."
     return None
-
-
-def _is_hex(s: str) -> bool:
-    return all(c in "0123456789abcdef" for c in s)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _git_blob_sha1(path: Path) -> str:
-    """The id git gives the file's content: sha1 of `blob <size>\\0` then the bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.sha1(b"blob %d\0" % path.stat().st_size)).hexdigest()
 
 
 # -- housekeeping ------------------------------------------------------------------------------------------------
@@ -416,6 +403,7 @@ def _check_disk_space(root: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise WeightsError(
-            f"Not enough disk space for the weights: {tqdm.format_sizeof(needed, 'B')} to fetch into {root}, {tqdm.format_sizeof(free, 'B')} free. "
-            "Free some space, or point FLASHSD_WEIGHTS (or --root) at a larger disk."
+            f"Not enough disk space for the weights: {tqdm.format_sizeof(needed, 'B')} to fetch into {root}, "
+            f"{tqdm.format_sizeof(free, 'B')} free. Free some space, or point FLASHSD_WEIGHTS (or --root) at a larger "
+            "disk."
         )

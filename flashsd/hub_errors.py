@@ -148,7 +148,8 @@ def translate(exc: BaseException, repo: HubRepo, f: str, ctx: HubContext, dest: 
             reason = f"no answer within {ctx.timeout:g} s ({type(e).__name__})"
         else:
             reason = redact(f"{type(e).__name__}: {e}".strip().rstrip(":"), ctx.token)[:300]
-        return HubUnreachable(_unreachable_message(repo, f, ctx, reason), endpoint=ctx.endpoint, reason=reason)
+        message = redact(_unreachable_message(repo, f, ctx, reason), ctx.token)
+        return HubUnreachable(message, endpoint=ctx.endpoint, reason=reason)
     elif kind == "not a hub":
         msg = f"{ctx.endpoint} does not answer like a Hugging Face hub for {where}: {e}"
     elif kind == "xet":

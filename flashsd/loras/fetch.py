@@ -56,8 +56,9 @@ def hide_url_secrets_in_logs() -> None:
 
 def too_large(input_name: str, shown: str, nbytes: int, settings: LoraSettings) -> LoraError:
     return LoraError(
-        f"{input_name}: {shown} is {tqdm.format_sizeof(nbytes, 'B')}, more than the {tqdm.format_sizeof(settings.max_file_bytes, 'B')} a LoRA file may "
-        "have here (FLASHSD_LORA_MAX_GB): use a smaller LoRA (a lower rank, or saved in fp16)."
+        f"{input_name}: {shown} is {tqdm.format_sizeof(nbytes, 'B')}, more than the "
+        f"{tqdm.format_sizeof(settings.max_file_bytes, 'B')} a LoRA file may have here (FLASHSD_LORA_MAX_GB): use a "
+        "smaller LoRA (a lower rank, or saved in fp16)."
     )
 
 
@@ -88,12 +89,8 @@ def download_url(
                     raise too_large(input_name, shown, total, settings)
                 make_room(total or 0)
                 name = _filename_from(response, PurePosixPath(unquote(urlsplit(str(response.url)).path)).name)
-                log.info(
-                    "LoRA %s: downloading %s%s",
-                    input_name,
-                    shown,
-                    f" ({tqdm.format_sizeof(total, 'B')})" if total else "",
-                )
+                announced = f" ({tqdm.format_sizeof(total, 'B')})" if total else ""
+                log.info("LoRA %s: downloading %s%s", input_name, shown, announced)
                 with open(partial, "wb") as f:
                     for chunk in response.iter_bytes():  # as they arrive: an interruption counts what came
                         check_stop(stop)
@@ -123,8 +120,8 @@ def download_url(
         raise LoraError(f"{input_name}: could not download {shown} ({type(e).__name__}).") from None
     if total is not None and received != total:
         raise LoraError(
-            f"{input_name}: the download of {shown} ended after {tqdm.format_sizeof(received, 'B')} of {tqdm.format_sizeof(total, 'B')}; nothing was "
-            "kept: try again."
+            f"{input_name}: the download of {shown} ended after {tqdm.format_sizeof(received, 'B')} of "
+            f"{tqdm.format_sizeof(total, 'B')}; nothing was kept: try again."
         )
     return name or source.key, received
 
@@ -142,16 +139,15 @@ def _filename_from(response, fallback: str) -> str:
 
 def _http_message(input_name: str, shown: str, status: int) -> str:
     if status in (401, 403):
-        return (
-            f"{input_name}: {shown} answered HTTP {status} (not authorized): the file needs a login or an API key. "
-            "For CivitAI add ?token=<your API key> to the URL; for a Hugging Face file give it as "
-            "owner/name/file.safetensors and set HF_TOKEN."
+        why = (
+            " (not authorized): the file needs a login or an API key. For CivitAI add ?token=<your API key> to the "
+            "URL; for a Hugging Face file give it as owner/name/file.safetensors and set HF_TOKEN."
         )
-    if status in (404, 410):
-        return f"{input_name}: {shown} answered HTTP {status} (not found): check the URL."
-    if status == 429 or status >= 500:
-        return f"{input_name}: {shown} answered HTTP {status}: the server is busy or down; try again later."
-    return f"{input_name}: {shown} answered HTTP {status}: check the URL."
+    elif status in (404, 410):
+        why = " (not found): check the URL."
+    else:
+        why = ": the server is busy or down; try again later." if status == 429 or status >= 500 else ": check the URL."
+    return f"{input_name}: {shown} answered HTTP {status}{why}"
 
 
 # -- from a Hugging Face repo ------------------------------------------------------------------------------------
@@ -223,14 +219,14 @@ def _single_lora_file(repo: str, files: list[str], input_name: str) -> str:
 # -- a trainer's tar ---------------------------------------------------------------------------------------------
 
 
-def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSettings) -> bool:
-    """When the file at `path` is a tar (a trainer's output), replace it with the tar's `lora.safetensors`; False when
-    it is no tar. That one member is read, never extracted by its own name: no other member, path or link reaches
-    the disk."""
+def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSettings) -> None:
+    """When the file at `path` is a tar (a trainer's output), replace it with the tar's `lora.safetensors` (any other
+    file is left as it is). That one member is read, never extracted by its own name: no other member, path or link
+    reaches the disk."""
     try:
         archive = tarfile.open(path, "r:")  # uncompressed, as trainers write it: no decompression bomb to scan
     except tarfile.ReadError:
-        return False
+        return
     unpacked = path.with_name(path.name + ".member")
     try:
         with archive:
@@ -250,8 +246,8 @@ def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSetting
                 raise LoraError(f"{input_name}: {shown} is a tar whose {TAR_MEMBER} is unsafe ({e}).") from None
             if not member.isreg():
                 raise LoraError(
-                    f"{input_name}: {shown} is a tar whose {member.name} is a link, not a file: give a tar holding "
-                    f"the {TAR_MEMBER} file itself."
+                    f"{input_name}: {shown} is a tar whose {member.name} is not a regular file (a link, a folder): "
+                    f"give a tar holding the {TAR_MEMBER} file itself."
                 )
             if member.size > settings.max_file_bytes:
                 raise too_large(input_name, f"{shown} ({member.name})", member.size, settings)
@@ -262,4 +258,3 @@ def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSetting
         raise LoraError(f"{input_name}: {shown} is a damaged tar ({e}): fetch it again, or use another copy.") from None
     finally:
         unpacked.unlink(missing_ok=True)
-    return True
