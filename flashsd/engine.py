@@ -23,7 +23,7 @@ from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
 from .request import GenerationRequest, build_request, distinct_sizes
 from .runtime import Runtime, select_runtime
-from .safety import ImagesFlagged, SafetyChecker
+from .safety import ImagesFlagged, SafetyChecker, screen_lines
 from .schedulers import FlashFlowMatchEulerDiscreteScheduler
 from .settings import Settings
 from .weights import repo_dir, weights_problems
@@ -112,10 +112,13 @@ class Engine:
         return derived
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Every torch module the engine runs (the pipeline's components and the safety checker), by name."""
+        """Every torch module the engine runs (the pipeline's components, the safety checker and its second opinion), by
+        name."""
         found = {name: c for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
         if self.safety_checker is not None:
             found["safety_checker"] = self.safety_checker.model
+            if self.safety_checker.second_opinion is not None:
+                found["safety_second_opinion"] = self.safety_checker.second_opinion.model
         return found
 
     def schedulers(self) -> list[object]:
@@ -177,7 +180,9 @@ class Engine:
         )
         checker = None
         if model.safety_checker is not None:
-            checker = SafetyChecker.load(root, model.safety_checker, runtime.device, runtime.dtype)
+            checker = SafetyChecker.load(
+                root, model.safety_checker, runtime.device, runtime.dtype, model.safety_second_opinion
+            )
         engine = cls(model, pipe, runtime, checker, settings)
         for mode in engine.modes:
             engine.pipeline_for(mode)  # built now, so a problem shows in setup
@@ -329,16 +334,10 @@ class Engine:
         if not request.safety_checker:
             say(logging.INFO, "Safety checker disabled for this prediction (disable_safety_checker)")
             return generated
-        flags = self.safety_checker.flags([item.image for item in generated])
-        kept = [item for item, flagged in zip(generated, flags) if not flagged]
-        if len(kept) < len(generated):
-            say(
-                logging.WARNING,
-                "Safety checker: %d of %d image(s) flagged as potentially NSFW and left out (seeds %s)",
-                len(generated) - len(kept),
-                len(generated),
-                ", ".join(str(item.seed) for item, flagged in zip(generated, flags) if flagged),
-            )
+        verdicts = self.safety_checker.flags([item.image for item in generated])
+        kept = [item for item, flagged in zip(generated, verdicts) if not flagged]
+        for level, line in screen_lines(verdicts, [item.seed for item in generated]):
+            say(level, "%s", line)
         if not kept:
             raise ImagesFlagged(len(generated))
         return kept
