@@ -112,8 +112,8 @@ class Engine:
         return derived
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Every torch module the engine runs (the pipeline's components, the safety checker and its second opinion), by
-        name."""
+        """Every torch module the engine runs, by name: the pipeline's components, the safety checker and its second
+        opinion."""
         found = {name: c for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
         if self.safety_checker is not None:
             found["safety_checker"] = self.safety_checker.model
