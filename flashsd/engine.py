@@ -17,7 +17,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from . import adapter, errors, logs, loras, speed
+from . import adapter, errors, health, logs, loras, speed
 from .models import FlashModel
 from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
@@ -83,6 +83,7 @@ class Engine:
         self.runtime = runtime
         self.safety_checker = safety_checker
         self._mode_pipelines: dict[str, object] = {}
+        self.fault = health.DeviceFault()  # the first fatal device error met (flashsd.health)
         self.speed = speed.SpeedState()  # what the fast path did (set in load)
         self.loras: loras.StyleLoras | None = None  # style LoRAs (set in load, for the models that take them)
         # A1111 weights and long prompts for the CLIP families (None: the pipeline reads plain text only)
@@ -257,7 +258,7 @@ class Engine:
         for note in prompt_notes(self.model, request):
             log.info("%s", note)
         applied = self.apply_loras(request, stop)
-        with PredictionGuard(self.modules(), self.schedulers(), request, self.runtime.device):
+        with PredictionGuard(self.modules(), self.schedulers(), request, self.runtime.device, self.fault):
             generated = self._generate(request, stop)
         return [dataclasses.replace(item, loras=applied) for item in generated] if applied else generated
 
@@ -399,7 +400,7 @@ class Engine:
         arguments["generator"] = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.seeds]
         progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(self.pipe)
         noise_source = getattr(self.pipe.scheduler, "noise_generators", None)
-        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device):
+        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device, self.fault):
             with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
                 with self._stoppable_inside_steps(stop):
                     images = self.pipe(**arguments, **progress).images
