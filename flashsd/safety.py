@@ -118,11 +118,12 @@ class SafetyChecker:
         from transformers import CLIPImageProcessorPil
 
         folder = repo_dir(root, repo)
+        # Loaded straight onto the device, in its dtype (no host copy first), as the pipeline is.
         model = StableDiffusionSafetyChecker.from_pretrained(
             folder / "safety_checker", variant=SAFETY_CHECKER_VARIANT, dtype=dtype, use_safetensors=True,
-            local_files_only=True,
+            local_files_only=True, device_map=device.type,
         )  # fmt: skip
-        model.to(device).eval()
+        model.eval()
         # The PIL implementation explicitly: the default one needs torchvision, which flashsd does not install.
         processor = CLIPImageProcessorPil.from_pretrained(folder / "feature_extractor", local_files_only=True)
         second = SecondOpinion.load(root, second_opinion, device, dtype) if second_opinion is not None else None
