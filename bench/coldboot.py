@@ -2,6 +2,7 @@
 
     python -m bench.coldboot                       # SD1.5 and SDXL, fp16 and fp32, weights built once in a temp dir
     python -m bench.coldboot --models sd15 --dtypes float16 --root /data/coldboot
+    python -m bench.coldboot --device cuda --dtypes float16   # on a GPU: the GPU configuration itself
 
 A scaled-to-zero model on Replicate pays setup() on every cold boot. Each model's weights are written once at their
 real sizes, random, in the real repos' layout, dtypes and key names (the base's fp16 files, the fp32 VAE fix and Flash
@@ -313,10 +314,10 @@ def probe(args) -> dict:
     stages.wrap(safety.SafetyChecker, "load", "safety checker")
     stages.wrap(safety.SecondOpinion, "load", "safety checker: second opinion")
     stages.wrap(torch.nn.Module, "to", lambda self, *a, **k: "move to the device (Module.to)")
-    runtime = Runtime(torch.device("cpu"), getattr(torch, args.dtype))
+    runtime = Runtime(torch.device(args.device), getattr(torch, args.dtype))
     with stages.stage("other (scheduler, mode pipelines, checks)"):
         loaded = engine.Engine.load(MODELS[args.model], Path(args.root), runtime)
-        if runtime.dtype == torch.float16:
+        if runtime.device.type == "cpu" and runtime.dtype == torch.float16:
             # fp16 files into fp16 modules on the CPU: the tensors stay mapped onto the files, and what nothing has
             # touched yet is read at the first prediction. A copy to the GPU reads it all in setup: so does this.
             with stages.stage("reading the mapped weights not touched yet (a GPU copy reads them in setup)"):
@@ -333,6 +334,7 @@ def probe(args) -> dict:
         "import_s": imported - started, "setup_s": setup_s, "warm_up_s": warm_up_s,
         "stages": [(name, stages.seconds[name], stages.cpu[name], stages.bytes[name]) for name in stages.order],
         "rss_after_imports": rss_imports, "peak_rss": peak, "load_average": os.getloadavg()[0],
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if runtime.device.type == "cuda" else None,
     }  # fmt: skip
 
 
@@ -363,7 +365,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def report(key: str, dtype: str, read: dict, run: dict) -> str:
+def report(key: str, dtype: str, device: str, read: dict, run: dict) -> str:
     weights = read["bytes"]
     rows = [
         (name, f"{seconds:.2f}", f"{cpu:.2f}", f"{fetched / 2**30:.2f}")
@@ -383,8 +385,10 @@ def report(key: str, dtype: str, read: dict, run: dict) -> str:
         ("peak RSS / weights (goal <= 1.3 in the GPU configuration)", f"{run['peak_rss'] / weights:.2f}"),
         ("(peak RSS - RSS after imports) / weights", f"{(run['peak_rss'] - run['rss_after_imports']) / weights:.2f}"),
     ]
+    if run["cuda_max_allocated"] is not None:
+        summary.append(("peak GPU memory allocated / weights", f"{run['cuda_max_allocated'] / weights:.2f}"))
     return "\n".join([
-        f"{key}, {dtype} on the CPU, random weights at real size, weight files evicted from the page cache first "
+        f"{key}, {dtype} on {device}, random weights at real size, weight files evicted from the page cache first "
         f"(load average {run['load_average']:.1f} on {os.cpu_count()} cores)",
         table(rows, ("stage", "wall s", "CPU s", "GiB read from the disk")),
         table(summary, ("", "")),
@@ -397,6 +401,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float16,float32", help="float16 stands in for the GPU configuration")
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "flashsd-coldboot"))
     parser.add_argument("--warm-up", type=int, default=0, help="also time one warm-up call at this square size")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU configuration itself (fp16)")
     parser.add_argument("--run", choices=["probe", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -413,9 +418,12 @@ def main() -> None:
         build(key, Path(args.root))
         for dtype in args.dtypes.split(","):
             read = _fresh("floor", model=key, root=args.root)
-            run = _fresh("probe", model=key, root=args.root, dtype=dtype, cold=True, warm_up=args.warm_up or None)
-            results[f"{key}/{dtype}"] = {"floor": read, "setup": run}
-            print(report(key, dtype, read, run), flush=True)
+            run = _fresh(
+                "probe", model=key, root=args.root, dtype=dtype, device=args.device, cold=True,
+                warm_up=args.warm_up or None,
+            )  # fmt: skip
+            results[f"{key}/{dtype}/{args.device}"] = {"floor": read, "setup": run}
+            print(report(key, dtype, args.device, read, run), flush=True)
     out = PROJECT / "bench" / "results" / f"coldboot-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
