@@ -3,7 +3,8 @@
 The model is chosen by FLASHSD_MODEL (sdxl, sd3, sd15, pixart) and the weights are read from
 FLASHSD_WEIGHTS (default: weights/ beside this file). Up to 4 predictions run at once (`@concurrent`, which
 `cog build` writes into the image as COG_MAX_CONCURRENCY, the variable coglet reads; `make serve` sets it):
-compatible ones share one pipeline call (flashsd.batching), the blocking work runs off coglet's event loop.
+compatible ones share one pipeline call on the one thread that owns the model (flashsd.batching); the event loop
+only awaits (decoding inputs and encoding outputs, which touch no model, run in asyncio's threads).
 """
 
 import asyncio
@@ -12,7 +13,7 @@ from typing import List, Optional
 
 from cog import BasePredictor, Input, Path, concurrent
 
-from flashsd.batching import engine_batcher
+from flashsd.batching import ModelThread, engine_batcher
 from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tempdir
 from flashsd.download import ensure_weights
 from flashsd.engine import Engine
@@ -32,8 +33,10 @@ class Predictor(BasePredictor):
         runtime = select_runtime(settings.device)  # FLASHSD_DEVICE=cuda without a usable GPU fails before any download
         self.model = MODELS[settings.model]
         ensure_weights(self.model, settings.weights_root)
-        self.engine = Engine.load(self.model, settings.weights_root, runtime, settings)
-        self.batcher = engine_batcher(self.engine, self.engine.batch_budget)
+        # One thread owns the model from its load on: every torch and tokenizer call runs there (flashsd.batching).
+        thread = ModelThread()
+        self.engine = thread.call(Engine.load, self.model, settings.weights_root, runtime, settings)
+        self.batcher = engine_batcher(self.engine, thread)
         in_flight = settings.max_concurrency
         self.outputs = OutputFolders(keep=in_flight)  # the folders of predictions still being delivered
         # Concurrent requests' input copies may be arriving: sweep only those older than any live request.

@@ -80,9 +80,15 @@ def sample(server: CogServer, done: int, temp: Path) -> Sample:
 
 
 def inputs_for(i: int) -> dict:
-    """Varied cheap requests: formats, batch sizes, sizes, seeds, now and then image-to-image."""
+    """Varied cheap requests: formats, batch sizes, sizes, seeds, plain, weighted and long prompts (the last two
+    encoded by flashsd with the model's own tokenizers, the first by the pipeline), now and then image-to-image."""
+    prompts = (
+        f"a lighthouse at dawn, variation {i}",
+        f"a (lighthouse:1.3) at [dawn], variation {i}",
+        f"a lighthouse at dawn, variation {i}, " + "stormy sea, dramatic sky, " * 12,  # over 75 tokens
+    )
     inputs = {
-        "prompt": f"a lighthouse at dawn, variation {i}",
+        "prompt": prompts[i % 3 if i % 2 else 0],
         "aspect_ratio": "custom",
         "width": (64, 128, 64, 96)[i % 4],
         "height": (64, 64, 128, 96)[i % 4],

@@ -1,28 +1,93 @@
-"""Dynamic batching of concurrent predictions: requests that share the model's state run as one pipeline call.
+"""The model's own thread, and dynamic batching of concurrent predictions on it.
 
-While a batch runs, new requests queue. When the denoiser frees up, the oldest queued request and every queued
-request compatible with it (same `key`: mode, size, steps, guidance, LoRA state — prompts may differ) run
-together, up to an image budget. A request that arrives at an idle batcher starts at once: nothing waits for
-company. Each request keeps its own generators, seeds, safety verdicts and log lines (the work function gets
-each job's context to log in); a cancelled job is dropped from what it is waiting for, and a batch whose every
-member was cancelled is told to stop. A failure of a shared call (out of memory, say) retries its members one
-by one, so that one big request cannot fail the others.
+**One thread owns the model.** Every torch call and every use of the model's tokenizers runs on one dedicated,
+long-lived thread (`ModelThread`): the load, the warm-up, the predictions, and the batching decision itself (its
+key counts a prompt's tokens with the pipeline's own tokenizers). A transformers tokenizer keeps its padding and
+truncation settings in shared state, so two threads using one corrupt each other's calls; and each thread that
+runs a torch CPU op gets an OpenMP team of its own whose idle threads spin. The event loop only awaits.
 
-The batcher knows nothing of diffusers or Cog: `run` is any function of a list of jobs that returns one result
-per job (an exception instance fails that job alone), and it runs in a worker thread, off the event loop (coglet runs every prediction on one loop).
+**Batching.** While a batch runs, new requests queue. When the thread frees up, the oldest queued request and every
+queued request compatible with it (equal `key`: mode, size, steps, guidance, LoRA state — prompts may differ) run
+together, up to an image budget. A request that arrives at an idle thread starts at once: nothing waits for
+company. Each request keeps its own generators, seeds, safety verdicts and log lines (the work function gets each
+job's context to log in); a cancelled job is dropped from what it is waiting for, and a batch whose every member
+was cancelled is told to stop. A failure of a shared call (out of memory, say) retries its members one by one, so
+that one big request cannot fail the others. Any failure while choosing or running a batch fails the predictions
+involved, never the thread; if the thread is ever closed, waiting and later predictions fail at once.
+
+The batcher knows nothing of diffusers or Cog: `run` is any function of a list of jobs that returns one result per
+job (an exception instance fails that job alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextvars
 import logging
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("flashsd")
+
+RECENT_BATCHES = 256  # sizes of the last batches kept (for the logs, the benchmarks and the tests)
+
+
+class WorkerStopped(RuntimeError):
+    """The model's thread no longer runs: no prediction can be served (the health check says so too)."""
+
+
+class ModelThread:
+    """The one thread that touches the model: a single-worker executor whose thread lives as long as the container.
+    `call` (blocking, for setup) and `run` (awaitable) hand it work; tasks run one at a time, in order."""
+
+    def __init__(self, name: str = "flashsd-model"):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.ident: int | None = None  # the thread's id, once it has run something
+        self.closed: str | None = None  # why it stopped taking work, once it has
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
+        """Queue `fn(*args, **kwargs)` in a copy of the caller's context (Cog routes log lines by it)."""
+        return self._submit(contextvars.copy_context(), fn, args, kwargs)
+
+    def spawn(self, fn: Callable, /, *args) -> concurrent.futures.Future:
+        """Queue `fn(*args)` in an empty context: what it logs belongs to no prediction unless it says so."""
+        return self._submit(contextvars.Context(), fn, args, {})
+
+    def _submit(self, context: contextvars.Context, fn: Callable, args, kwargs) -> concurrent.futures.Future:
+        if self.closed is not None:
+            raise WorkerStopped(self.closed)
+        try:
+            return self._executor.submit(self._in, context, fn, args, kwargs)
+        except RuntimeError as error:  # shut down (interpreter exit)
+            self.closed = self.closed or f"the model's thread was shut down ({error})"
+            raise WorkerStopped(self.closed) from None
+
+    def _in(self, context: contextvars.Context, fn: Callable, args, kwargs):
+        self.ident = threading.get_ident()
+        return context.run(fn, *args, **kwargs)
+
+    def call(self, fn: Callable, /, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the model's thread; blocks until done. Not from the model's thread itself."""
+        if threading.get_ident() == self.ident:
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    async def run(self, fn: Callable, /, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the model's thread, awaited."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    @property
+    def alive(self) -> bool:
+        return self.closed is None
+
+    def close(self, reason: str = "the model's thread was closed") -> None:
+        """Stop taking work (what is queued still runs: callers waiting on it are answered)."""
+        self.closed = self.closed or reason
+        self._executor.shutdown(wait=False)
 
 
 @dataclass(eq=False)
@@ -30,15 +95,32 @@ class Job:
     """One request waiting for, or running in, a batch."""
 
     payload: Any
-    key: Hashable
     images: int
     context: contextvars.Context  # the submitting prediction's: its log lines belong there
     future: asyncio.Future = field(repr=False)
+    key: Hashable | None = None  # set on the model's thread, when a batch is chosen
     cancelled: bool = False
 
     def say(self, level: int, message: str, *args) -> None:
         """Log a line as this job's own (Cog routes log lines by the prediction's context)."""
         self.context.run(log.log, level, message, *args)
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Answer the waiting prediction, from any thread (a cancelled one is answered already)."""
+
+        def answer() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        loop = self.future.get_loop()
+        try:
+            loop.call_soon_threadsafe(answer)
+        except RuntimeError:  # its event loop is closed: nobody waits any more
+            pass
 
 
 class Batcher:
@@ -49,69 +131,110 @@ class Batcher:
         key: Callable[[Any], Hashable],
         images: Callable[[Any], int],
         budget: Callable[[Hashable], int],
+        thread: ModelThread | None = None,
     ):
         self._run, self._key, self._images, self._budget = run, key, images, budget
+        self.thread = thread or ModelThread()
         self._queue: collections.deque[Job] = collections.deque()
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self.batches: list[int] = []  # sizes of the batches run (jobs), for the logs and the tests
+        self._lock = threading.Lock()
+        self.batches: collections.deque[int] = collections.deque(maxlen=RECENT_BATCHES)  # jobs per batch run
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.alive
 
     async def submit(self, payload) -> Any:
         """The result of `payload`, run alone or with compatible others. Cancelling the awaiting task drops it."""
-        loop = asyncio.get_running_loop()
-        self._ensure_worker(loop)
-        job = Job(payload, self._key(payload), self._images(payload), contextvars.copy_context(), loop.create_future())
-        self._queue.append(job)
-        self._wake.set()
+        job = Job(
+            payload, self._images(payload), contextvars.copy_context(), asyncio.get_running_loop().create_future()
+        )
+        with self._lock:
+            self._queue.append(job)
+        try:
+            drain = self.thread.spawn(self._drain)  # one drain per job: each runs a batch if any job is left
+        except WorkerStopped:
+            with self._lock:
+                self._queue.remove(job)
+            raise
+        drain.add_done_callback(self._after_drain)
         try:
             return await job.future
         except asyncio.CancelledError:
             job.cancelled = True  # queued: never runs; running: its result is dropped
             raise
 
-    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._worker is not None and not self._worker.done() and self._worker.get_loop() is loop:
-            return
-        self._wake = asyncio.Event()
-        # An empty context: a task started from a prediction would inherit its id, and Cog would give that
-        # prediction every batch's log lines.
-        self._worker = loop.create_task(self._work(), context=contextvars.Context())
+    def _after_drain(self, drain: concurrent.futures.Future) -> None:
+        """A drain that never ran (the thread was shut down with it queued) fails every job still waiting."""
+        if drain.cancelled():
+            with self._lock:
+                stranded, self._queue = list(self._queue), collections.deque()
+            for job in stranded:
+                job.settle(error=WorkerStopped(self.thread.closed or "the model's thread stopped"))
+
+    def _drain(self) -> None:
+        """On the model's thread: run the next batch, if any job is queued. Nothing raised here escapes: what fails
+        fails the jobs it concerns, and the thread goes on."""
+        batch: list[Job] = []
+        try:
+            batch = self._next_batch()
+            if batch:
+                self.batches.append(len(batch))
+                outcomes = self._run_isolated(batch)
+            else:
+                outcomes = []
+        except BaseException as error:  # noqa: BLE001 - handed to the predictions involved, the thread goes on
+            # A cancellation delivered into the call reaches every prediction as it is; SystemExit or
+            # KeyboardInterrupt would end the event loop that awaits it (asyncio re-raises those two).
+            if isinstance(error, SystemExit | KeyboardInterrupt):
+                log.error("A batch ended with %r", error)
+                error = RuntimeError(f"The model's call ended with {error!r}; the next prediction runs normally.")
+            outcomes = [(None, error)] * len(batch)
+        for job, (result, error) in zip(batch, outcomes):
+            if isinstance(result, BaseException):  # `run` may fail one job of a batch and not the others
+                result, error = None, result
+            job.settle(result, error)
 
     def _next_batch(self) -> list[Job]:
-        while self._queue and self._queue[0].cancelled:
-            self._queue.popleft()
-        if not self._queue:
+        """The oldest queued job and every compatible one that fits its budget, taken off the queue. Each job has a
+        drain of its own, and each drain takes at least one job off the queue (or finds it empty): no job is left
+        behind. A job whose key or budget cannot be had fails alone."""
+        with self._lock:
+            queued = [job for job in self._queue if not job.cancelled]
+            self._queue = collections.deque(queued)
+        for job in queued:  # keys are computed here, on the model's thread (they may use its tokenizers)
+            if job.key is None:
+                try:
+                    job.key = self._key(job.payload)
+                except Exception as error:
+                    self._fail(job, error)
+        with self._lock:
+            ready = [job for job in self._queue if job.key is not None and not job.cancelled]
+        if not ready:
+            return []  # (a job queued since has its own drain)
+        first = ready[0]
+        try:
+            room = self._budget(first.key) - first.images
+        except Exception as error:
+            self._fail(first, error)
             return []
-        first = self._queue.popleft()
-        batch, room = [first], self._budget(first.key) - first.images
-        for job in list(self._queue):
-            if not job.cancelled and job.key == first.key and job.images <= room:
-                self._queue.remove(job)
+        batch = [first]
+        for job in ready[1:]:
+            if job.key == first.key and job.images <= room:
                 batch.append(job)
                 room -= job.images
+        self._take(batch)
         return batch
 
-    async def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if not batch:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self.batches.append(len(batch))
-            try:
-                outcomes = await asyncio.to_thread(self._run_isolated, batch)
-            except Exception as error:  # the waiting predictions fail with it; the worker goes on
-                outcomes = [(None, error)] * len(batch)
-            for job, (result, error) in zip(batch, outcomes):
-                if job.future.done():
-                    continue
-                if isinstance(result, BaseException):  # `run` may fail one job of a batch and not the others
-                    result, error = None, result
-                if error is not None:
-                    job.future.set_exception(error)
-                else:
-                    job.future.set_result(result)
+    def _fail(self, job: Job, error: Exception) -> None:
+        log.error("A prediction could not be batched: %r", error)
+        self._take([job])
+        job.settle(error=error)
+
+    def _take(self, jobs: list[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                if job in self._queue:
+                    self._queue.remove(job)
 
     def _run_isolated(self, batch: list[Job]) -> list[tuple[Any, BaseException | None]]:
         """(result, error) per job. A shared call that fails is retried one job at a time; what is no Exception
@@ -124,8 +247,6 @@ class Batcher:
             log.warning(
                 "A batch of %d predictions failed (%s); running them one by one", len(batch), type(error).__name__
             )
-        except BaseException as error:  # noqa: B036 - handed to every waiting prediction, the worker goes on
-            return [(None, error)] * len(batch)
         outcomes = []
         for job in batch:
             if job.cancelled:
@@ -138,16 +259,18 @@ class Batcher:
         return outcomes
 
 
-def engine_batcher(engine, image_budget: Callable[[Hashable], int]) -> Batcher:
-    """The batcher of an Engine (flashsd.engine; duck-typed here): a request alone runs the single-request path
-    itself, in its own context; several share `generate_together`, which stops when none of them waits."""
+def engine_batcher(engine, thread: ModelThread) -> Batcher:
+    """The batcher of an Engine (flashsd.engine; duck-typed here), on the thread that loaded it. A request alone
+    runs in its own context (every log line of the call is its own); several share one call, each logging through
+    its `say`; a call stops when none of its predictions waits any more."""
 
     def run(jobs: Sequence[Job]) -> Sequence[Any]:
+        payloads = [job.payload for job in jobs]
+        stop = lambda: all(job.cancelled for job in jobs)  # noqa: E731
         if len(jobs) == 1:
-            job = jobs[0]
-            return [job.context.run(engine.generate, job.payload, stop=lambda: job.cancelled)]
-        return engine.generate_together(
-            [job.payload for job in jobs], [job.say for job in jobs], stop=lambda: all(job.cancelled for job in jobs)
-        )
+            return jobs[0].context.run(engine.generate_batch, payloads, stop=stop)
+        return engine.generate_batch(payloads, [job.say for job in jobs], stop=stop)
 
-    return Batcher(run, key=engine.batch_key, images=lambda request: request.num_outputs, budget=image_budget)
+    return Batcher(
+        run, key=engine.batch_key, images=lambda request: request.num_outputs, budget=engine.batch_budget, thread=thread
+    )

@@ -5,11 +5,10 @@ benchmarks all drive it directly."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,59 +207,118 @@ class Engine:
             log.setLevel(level)
         return calls
 
-    def pipeline_arguments(self, request: GenerationRequest) -> dict:
-        """The one pipeline call a request becomes (shared with the benchmarks and fidelity tests)."""
+    def pipeline_arguments(self, *requests: GenerationRequest) -> dict:
+        """The one pipeline call `requests` (one, or several of one batch_key) become; shared with the benchmarks and
+        the fidelity tests."""
+        first = requests[0]
         arguments = dict(
-            num_images_per_prompt=request.num_outputs,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            # CPU generators, one per image: image i's latents and every step's fresh noise come from
-            # seed + i alone, on any device.
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds],
+            num_images_per_prompt=first.num_outputs,
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            # CPU generators, one per image: image i's latents and every step's fresh noise come from seed + i
+            # alone, on any device and in any batch (diffusers orders a call's images prompt by prompt, each
+            # prompt's num_images_per_prompt together: so do the generators).
+            generator=[torch.Generator("cpu").manual_seed(seed) for request in requests for seed in request.seeds],
             output_type="pil",
             **self.model.call_options,
         )
-        negative = request.negative_prompt if request.guidance_scale > 1 else None  # diffusers reads it only then
+        guided = first.guidance_scale > 1  # diffusers reads a negative prompt only then
+        if len(requests) > 1:  # plain texts only (batch_key): the pipeline encodes them together
+            arguments["prompt"] = [request.prompt for request in requests]
+            if guided:
+                arguments["negative_prompt"] = [request.negative_prompt for request in requests]
+            return arguments
+        negative = first.negative_prompt if guided else None
         # Embeddings when a text has A1111 syntax or more than 75 tokens; otherwise the text, as the model card does.
         # (Style LoRAs fuse into the text encoders too: embeddings made under other LoRAs are not reused.)
         lora_state = self.loras.applied if self.loras is not None else ()
-        embeddings = self.prompts.pipeline_arguments(request.prompt, negative, lora_state) if self.prompts else {}
-        arguments |= embeddings or {"prompt": request.prompt}
+        embeddings = self.prompts.pipeline_arguments(first.prompt, negative, lora_state) if self.prompts else {}
+        arguments |= embeddings or {"prompt": first.prompt}
         if negative is not None and not embeddings:
             arguments["negative_prompt"] = negative
-        if request.image is not None:
+        if first.image is not None:
             # One copy per image, so the pipeline encodes image i (and, inpainting, the masked image i) with
             # generator i: every image's stream is then the same in a batch as alone (the seeds contract).
-            arguments["image"] = [request.image] * request.num_outputs
-            if request.mask is not None:
-                arguments["mask_image"] = [request.mask] * request.num_outputs
+            arguments["image"] = [first.image] * first.num_outputs
+            if first.mask is not None:
+                arguments["mask_image"] = [first.mask] * first.num_outputs
             # steps_run / steps is exact for the steps flashsd allows, so every pipeline (SD's floor and SD3's
             # ceiling alike) runs exactly the last request.steps_run steps of the schedule.
-            arguments["strength"] = request.steps_run / request.num_inference_steps
-            if "width" not in inspect.signature(self.pipeline_for(request.mode).__call__).parameters:
+            arguments["strength"] = first.steps_run / first.num_inference_steps
+            if "width" not in inspect.signature(self.pipeline_for(first.mode).__call__).parameters:
                 # SD / SDXL image-to-image take the size from the image, which is already width x height.
                 del arguments["width"], arguments["height"]
         return arguments
 
     def generate(self, request: GenerationRequest, stop: Callable[[], bool] | None = None) -> list[GeneratedImage]:
-        """The images of `request`, less those the safety checker flags (ImagesFlagged if that is all). `stop()`
-        true between two steps ends the call with errors.Stopped (a cancelled prediction frees the device).
+        """The images of `request` alone (a batch of one through generate_batch); its failure is raised."""
+        result = self.generate_batch([request], stop=stop)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        Out of memory becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or
-        cancellation the engine's modules and schedulers are restored, so the worker, which Cog never
-        restarts, carries on."""
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        says: Sequence[logs.Say] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[list[GeneratedImage] | Exception]:
+        """Requests of one batch_key as one pipeline call (a single prediction is a batch of one). Each keeps its own
+        generators (so its images equal those it gets alone), seeds, safety verdicts and log lines (`says[i]` logs as
+        request i's; default: the flashsd logger); a request whose every image is flagged gets its ImagesFlagged,
+        the others their images. `stop()` true ends the call between steps, or inside one (errors.Stopped).
+
+        A failure of the call is raised (the batcher retries a shared call's requests one by one). Out of memory
+        becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or cancellation the
+        engine's modules and schedulers are restored, so the worker, which Cog never restarts, carries on."""
+        says = list(says or [log.log] * len(requests))
+        first = requests[0]
+        for request, say in zip(requests, says):
+            self._announce(request, say, others=len(requests) - 1)
+        applied = self.apply_loras(first, stop)
+        pipe = self.pipeline_for(first.mode)
+        arguments = self.pipeline_arguments(*requests)
+        progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
+        noise_source = getattr(pipe.scheduler, "noise_generators", None)
+        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device, self.fault):
+            with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
+                with self._stoppable_inside_steps(stop):
+                    images = pipe(**arguments, **progress).images
+        results: list[list[GeneratedImage] | Exception] = []
+        for index, (request, say) in enumerate(zip(requests, says)):
+            mine = images[index * first.num_outputs : (index + 1) * first.num_outputs]
+            if request.mask is not None:
+                # Outside the mask, the input's own pixels: the pipeline's are only their VAE round trip.
+                mine = [Image.composite(image, request.image, request.mask) for image in mine]
+            generated = [GeneratedImage(image, seed, applied) for image, seed in zip(mine, request.seeds)]
+            try:
+                results.append(self._screen(generated, request, say))
+            except ImagesFlagged as flagged:
+                results.append(flagged)
+        return results
+
+    def _announce(self, request: GenerationRequest, say: logs.Say, others: int) -> None:
+        """What a prediction's logs say before its images are made: what of its prompts is not read, and the call."""
         for warning in truncated_prompt_warnings(
             self.pipe, self.model.title, request, clip_reads_everything=self.prompts is not None
         ):
-            log.warning("%s", warning)
+            say(logging.WARNING, "%s", warning)
         for note in prompt_notes(self.model, request):
-            log.info("%s", note)
-        applied = self.apply_loras(request, stop)
-        with PredictionGuard(self.modules(), self.schedulers(), request, self.runtime.device, self.fault):
-            generated = self._generate(request, stop)
-        return [dataclasses.replace(item, loras=applied) for item in generated] if applied else generated
+            say(logging.INFO, "%s", note)
+        steps = f"{request.num_inference_steps} steps"
+        if request.image is not None:
+            steps = (
+                f"{request.steps_run} of {request.num_inference_steps} steps "
+                f"(prompt_strength {request.prompt_strength:g})"
+            )
+        shared = f"; in one call with {others} other prediction(s)" if others else ""
+        say(
+            logging.INFO, "Generating %d image(s) (%s) at %dx%d, %s, guidance %g; seeds %s%s", request.num_outputs,
+            request.mode, request.width, request.height, steps, request.guidance_scale,
+            ", ".join(map(str, request.seeds)), shared,
+        )  # fmt: skip
 
     def apply_loras(
         self, request: GenerationRequest, stop: Callable[[], bool] | None = None
@@ -276,39 +334,12 @@ class Engine:
             return ()
         return self.loras.apply(request.loras, stop)
 
-    def _generate(self, request: GenerationRequest, stop: Callable[[], bool] | None) -> list[GeneratedImage]:
-        pipe = self.pipeline_for(request.mode)
-        arguments = self.pipeline_arguments(request)
-        steps = f"{request.num_inference_steps} steps"
-        if request.image is not None:
-            steps = (
-                f"{request.steps_run} of {request.num_inference_steps} steps "
-                f"(prompt_strength {request.prompt_strength:g})"
-            )
-        log.info(
-            "Generating %d image(s) (%s) at %dx%d, %s, guidance %g; seeds %s",
-            request.num_outputs,
-            request.mode,
-            request.width,
-            request.height,
-            steps,
-            request.guidance_scale,
-            ", ".join(map(str, request.seeds)),
-        )
-        progress = logs.StepProgress(request.steps_run, stop=stop).pipeline_arguments(pipe)
-        noise_source = getattr(pipe.scheduler, "noise_generators", None)
-        with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
-            with self._stoppable_inside_steps(stop):
-                images = pipe(**arguments, **progress).images
-        if request.mask is not None:
-            # Outside the mask, the input's own pixels: the pipeline's are only their VAE round trip.
-            images = [Image.composite(image, request.image, request.mask) for image in images]
-        return self._screen([GeneratedImage(image, seed) for image, seed in zip(images, request.seeds)], request)
-
     @contextlib.contextmanager
     def _stoppable_inside_steps(self, stop: Callable[[], bool] | None):
-        """Check `stop()` before each block of the denoiser too, so that a cancel ends a long step (a large image on
-        a CPU) at once rather than at its end. Eager mode only: hooks would make compiled regions recompile."""
+        """Check `stop()` before each top-level block of the denoiser too (a UNet's down, mid and up blocks, a
+        transformer's blocks), so that a cancel ends a long step (a large image on a CPU) without waiting for its
+        end. A few dozen hooks at most (stop_hook_sites); eager mode only: hooks would make compiled regions
+        recompile."""
         if stop is None or self.speed.compiled:
             yield
             return
@@ -317,22 +348,24 @@ class Engine:
             if stop():
                 raise errors.Stopped("stopped inside a denoising step: no prediction waits for these images")
 
-        denoiser = getattr(self.pipe, self.model.denoiser)
-        blocks = [block for blocks in denoiser.modules() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
-        handles = [block.register_forward_pre_hook(check) for block in blocks]
+        handles = [site.register_forward_pre_hook(check) for site in stop_hook_sites(self.denoiser)]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.model.denoiser)
+
     def _screen(
-        self, generated: list[GeneratedImage], request: GenerationRequest, say: logs.Say = log.log
+        self, generated: list[GeneratedImage], request: GenerationRequest, say: logs.Say
     ) -> list[GeneratedImage]:
         """Leave out what the safety checker flags; fail only when that is every image."""
         if self.safety_checker is None:
             return generated
-        if not request.safety_checker:
+        if not request.check_safety:
             say(logging.INFO, "Safety checker disabled for this prediction (disable_safety_checker)")
             return generated
         verdicts = self.safety_checker.flags([item.image for item in generated])
@@ -343,73 +376,50 @@ class Engine:
             raise ImagesFlagged(len(generated))
         return kept
 
-    # -- several predictions in one call (flashsd.batching decides who runs with whom) --------------------------
+    # -- which predictions share a call (flashsd.batching decides when, on the model's thread) ----------------------
 
-    def batch_key(self, request: GenerationRequest) -> Hashable:
+    def batch_key(self, request: GenerationRequest) -> BatchKey:
         """Requests with equal keys can share one pipeline call: text-to-image at the same size, steps, guidance,
         images per prompt and style LoRAs (prompts may differ). A request with an image, or a prompt that needs
-        its own embeddings (A1111 weights, more than 75 tokens), gets a key of its own and runs alone."""
+        its own embeddings (A1111 weights, more than 75 tokens), gets a key of its own and runs alone. Uses the
+        model's tokenizers: on the model's thread only."""
         texts = [request.prompt] + ([request.negative_prompt] if request.guidance_scale > 1 else [])
-        if request.image is not None or (self.prompts and any(map(self.prompts.needs_embeddings, texts))):
-            return ("alone", id(request))
-        return (
-            request.width, request.height, request.num_inference_steps, request.guidance_scale,
-            request.num_outputs, request.loras,
+        alone = request.image is not None or (
+            self.prompts is not None and any(map(self.prompts.needs_embeddings, texts))
+        )
+        return BatchKey(
+            request.width, request.height, request.num_inference_steps, request.guidance_scale, request.num_outputs,
+            request.loras, alone=id(request) if alone else None,
         )  # fmt: skip
 
-    def batch_budget(self, key: Hashable) -> int:
+    def batch_budget(self, key: BatchKey) -> int:
         """How many images one shared call of `key` may hold: FLASHSD_BATCH_MEGAPIXELS of images (default 4.2, four
         1024x1024 images: what the largest single prediction already asks of the GPU), half as many with guidance
         (each image is computed twice). A request larger than that still runs, alone."""
-        if key[0] == "alone":
+        if key.alone is not None:
             return 1
-        width, height, _, guidance = key[:4]
         pixels = self.settings.batch_megapixels * 1e6
-        return max(1, int(pixels // (width * height * (2 if guidance > 1 else 1))))
+        return max(1, int(pixels // (key.width * key.height * (2 if key.guidance_scale > 1 else 1))))
 
-    def generate_together(
-        self,
-        requests: Sequence[GenerationRequest],
-        says: Sequence[logs.Say],
-        stop: Callable[[], bool] | None = None,
-    ) -> list[list[GeneratedImage] | Exception]:
-        """Requests of one batch_key as one pipeline call. Each keeps its own generators (so its images equal those
-        it gets alone), seeds, safety verdicts and log lines (`says[i]` logs as request i's); a request whose every
-        image is flagged gets its ImagesFlagged, the others their images. `stop()` true between steps ends the call
-        (errors.Stopped). A failure of the call is raised for the caller to retry the requests one by one."""
-        first = requests[0]
-        for request, say in zip(requests, says):
-            for warning in truncated_prompt_warnings(
-                self.pipe, self.model.title, request, clip_reads_everything=self.prompts is not None
-            ):
-                say(logging.WARNING, "%s", warning)
-            for note in prompt_notes(self.model, request):
-                say(logging.INFO, "%s", note)
-            say(
-                logging.INFO, "Generating %d image(s) (text-to-image) at %dx%d, %d steps, guidance %g; seeds %s; "
-                "in one call with %d other prediction(s)", request.num_outputs, request.width, request.height,
-                request.num_inference_steps, request.guidance_scale, ", ".join(map(str, request.seeds)),
-                len(requests) - 1,
-            )  # fmt: skip
-        applied = self.apply_loras(first, stop)
-        arguments = self.pipeline_arguments(first)
-        arguments["prompt"] = [request.prompt for request in requests]
-        if first.guidance_scale > 1:
-            arguments["negative_prompt"] = [request.negative_prompt for request in requests]
-        # diffusers orders images prompt by prompt, each prompt's num_images_per_prompt together: so do the generators.
-        arguments["generator"] = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.seeds]
-        progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(self.pipe)
-        noise_source = getattr(self.pipe.scheduler, "noise_generators", None)
-        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device, self.fault):
-            with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
-                with self._stoppable_inside_steps(stop):
-                    images = self.pipe(**arguments, **progress).images
-        results: list[list[GeneratedImage] | Exception] = []
-        for index, (request, say) in enumerate(zip(requests, says)):
-            mine = images[index * first.num_outputs : (index + 1) * first.num_outputs]
-            generated = [GeneratedImage(image, seed, applied) for image, seed in zip(mine, request.seeds)]
-            try:
-                results.append(self._screen(generated, request, say))
-            except ImagesFlagged as flagged:
-                results.append(flagged)
-        return results
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What predictions sharing one pipeline call have in common (Engine.batch_key)."""
+
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    num_outputs: int
+    loras: tuple
+    alone: int | None = None  # the id of a request that runs alone (it has an image, or needs its own embeddings)
+
+
+def stop_hook_sites(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """Where a cancel is checked inside a step: each element of the denoiser's top-level block lists (a UNet's
+    down_blocks and up_blocks, a transformer's transformer_blocks) and its other direct children (a UNet's
+    mid_block among them)."""
+    sites: list[torch.nn.Module] = []
+    for child in denoiser.children():
+        sites.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
+    return sites

@@ -107,13 +107,16 @@ class FlashModel:
     # The base model family whose LoRAs fit this model (flashsd.loras: style LoRAs, fused on top of the Flash
     # adapter); None: style LoRAs are refused (diffusers has no LoRA loader for PixArt-α's pipeline).
     lora_family: str | None = None
+    # Repos a build adds to the model's own (flashsd.control.with_controlnets: the ControlNets FLASHSD_CONTROLNETS
+    # names and their depth estimator): downloaded, checked and diagnosed like the others.
+    extra_repos: tuple[HubRepo, ...] = ()
 
     @property
     def repos(self) -> tuple[HubRepo, ...]:
         """Every repo to download, one row per repo id (see _merged)."""
         second_opinion = self.safety_second_opinion if self.safety_checker is not None else None
-        repos = (self.base, self.vae, self.adapter, self.safety_checker, second_opinion)
-        return _merged(tuple(r for r in repos if r is not None))
+        own = (self.base, self.vae, self.adapter, self.safety_checker, second_opinion)
+        return _merged(tuple(r for r in own if r is not None) + self.extra_repos)
 
 
 SDXL = FlashModel(

@@ -207,7 +207,7 @@ class GenerationRequest:
     image: Image.Image | None = None  # RGB, already width x height: image-to-image / inpainting start from it
     mask: Image.Image | None = None  # "L", width x height, 255 = repaint, 0 = keep: inpainting
     prompt_strength: float = DEFAULT_PROMPT_STRENGTH  # used only with an image
-    safety_checker: bool = True
+    check_safety: bool = True  # the safety checker screens the images (disable_safety_checker=false)
     loras: tuple[StyleLora, ...] = ()  # style LoRAs, fused on top of the Flash adapter (flashsd.loras)
 
     @property
@@ -387,7 +387,7 @@ def build_request(
         image=fitted,
         mask=fitted_mask,
         prompt_strength=prompt_strength,
-        safety_checker=not disable_safety_checker,
+        check_safety=not disable_safety_checker,
         loras=loras,
     )
 

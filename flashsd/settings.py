@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .control import CONTROL_TYPES, build_problem
 from .errors import SettingsError
 from .models import DEFAULT_MODEL, MODELS
 from .weights import PROJECT_ROOT
@@ -46,6 +47,9 @@ class Settings:
     batch_megapixels: float = 4.2
     loras: LoraSettings = field(default_factory=LoraSettings)
     max_concurrency: int = 1  # COG_MAX_CONCURRENCY, as coglet reads it: predictions in flight at once
+    # FLASHSD_CONTROLNETS: the control types (flashsd.control.CONTROL_TYPES) whose ControlNets the build holds, a
+    # comma list (empty: none). Chosen at build, like the model: they are downloaded and loaded at setup.
+    controlnets: tuple[str, ...] = ()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -75,6 +79,12 @@ class Settings:
             if text.lower() not in _TRUE + _FALSE:
                 raise ValueError(text)
             return text.lower() in _TRUE
+
+        def control_types(text: str) -> tuple[str, ...]:
+            types = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+            if any(t not in CONTROL_TYPES for t in types):
+                raise ValueError(text)
+            return types
 
         def positive(text: str) -> float:
             value = float(text)
@@ -115,7 +125,14 @@ class Settings:
                 ),
             ),
             max_concurrency=_coglet_concurrency(environ.get("COG_MAX_CONCURRENCY", "")),
+            controlnets=read(
+                "FLASHSD_CONTROLNETS", control_types,
+                f"a comma list of control types from {', '.join(CONTROL_TYPES)} (default: empty, no ControlNet)", (),
+            ),
         )  # fmt: skip
+        problem = build_problem(MODELS[settings.model], settings.controlnets)
+        if problem:
+            problems.append(f"FLASHSD_CONTROLNETS={','.join(settings.controlnets)} is not allowed: {problem}")
         if problems:
             raise SettingsError(
                 "The container's settings (environment variables, e.g. cog.yaml's environment:) are wrong: "

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from flashsd.control import CONTROL_TYPES, DEPTH, DEPTH_ESTIMATOR, FAMILIES, control_repos
 from flashsd.models import MODELS, FlashModel, HubRepo
 
 # Small English text the tokenizers are trained on (prompts in the style users write).
@@ -876,12 +877,128 @@ def _remove_empty_folders(folder: Path) -> None:
             sub.rmdir()
 
 
-def build_tiny_weights(root: Path, model_keys=tuple(MODELS)) -> Path:
-    """Build the tiny repos of every model in `model_keys` under `root`; returns `root`."""
+def build_tiny_weights(root: Path, model_keys=tuple(MODELS), controlnets=CONTROL_TYPES) -> Path:
+    """Build the tiny repos of every model in `model_keys` under `root`, and for those that take ControlNets the
+    ControlNets of the types `controlnets` (with the depth estimator when depth is among them); returns `root`."""
     root = Path(root)
     for key in model_keys:
         build_repo_files(root, key)
+        if key in FAMILIES and controlnets:
+            build_control_files(root, key, controlnets)
     return root
+
+
+# --- structure control (flashsd.control): ControlNets and the depth estimator, in their repos' layouts ----------
+
+REAL_CONFIGS = Path(__file__).resolve().parent / "real_configs"
+# The real ControlNet configs (testkit/real_configs/SOURCES.md) whose key sets the tiny ones are written in.
+CONTROLNET_REAL_CONFIGS = {
+    (model, kind): REAL_CONFIGS / "controlnet" / f"{model}-{kind}" / "config.json"
+    for model, family in FAMILIES.items() for kind in family.controlnets
+}  # fmt: skip
+CONTROLNET_RESIDUAL_STD = 1.0  # the zero convolutions, randomised: std / sqrt(fan in) (a fresh ControlNet is a no-op)
+
+
+def control_repo_files(model_key: str, controlnets=CONTROL_TYPES) -> set[str]:
+    """`<repo id>/<file>` of every file the ControlNet repos of `model_key` hold in a tiny weights root."""
+    return {f"{r.id}/{name}" for r in control_repos(MODELS[model_key], controlnets) for name in r.files}
+
+
+def build_control_files(root: Path, model_key: str, controlnets=CONTROL_TYPES, *, seed: int = 0) -> None:
+    """The ControlNet repos of `model_key` for the types `controlnets`, and the depth estimator's repo when depth is
+    among them, each with exactly its listed files (the model's own repos must be built first: the ControlNets are
+    made from its tiny UNet, as diffusers' training script makes them from the real one). Repos already complete are
+    left as they are."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    root, model = Path(root), MODELS[model_key]
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _quiet():
+        for kind in controlnets:
+            repo = FAMILIES[model_key].controlnets[kind]
+            if _complete(root, (repo,)):
+                continue
+            unet = UNet2DConditionModel.from_pretrained(root / model.base.id / "unet", variant=model.variant).float()
+            _seeded(seed, f"{model_key}/controlnet/{kind}")
+            net = ControlNetModel.from_unet(unet).eval()
+            zero_convolutions = [
+                net.controlnet_cond_embedding.conv_out,
+                *net.controlnet_down_blocks,
+                net.controlnet_mid_block,
+            ]
+            for conv in zero_convolutions:
+                fan_in = conv.weight[0].numel()
+                conv.weight.normal_(0.0, CONTROLNET_RESIDUAL_STD / math.sqrt(fan_in))
+                conv.bias.normal_(0.0, 0.1)
+            _write_repo(root, repo, lambda folder, net=net, kind=kind: _save_controlnet(net, folder, model_key, kind))
+        if DEPTH in controlnets and not _complete(root, (DEPTH_ESTIMATOR,)):
+            _write_repo(root, DEPTH_ESTIMATOR, lambda folder: build_depth_estimator(folder, seed))
+
+
+def _write_repo(root: Path, repo: HubRepo, write) -> None:
+    """`write(folder)` into a staging folder, then exactly `repo.files` moved into `root / repo.id`."""
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-control-", dir=root))
+    try:
+        write(staging)
+        assert files_under(staging) >= set(repo.files), (repo.id, sorted(files_under(staging)))
+        target = root / repo.id
+        shutil.rmtree(target, ignore_errors=True)
+        for name in repo.files:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_controlnet(net, folder: Path, model_key: str, kind: str) -> None:
+    """diffusion_pytorch_model.fp16.safetensors as save_pretrained writes it, and config.json in the real repo's
+    key set: the real file's keys with the tiny model's values; a key the real file lacks is left out only where
+    its value is diffusers' default, so the file loads back into exactly this model."""
+    import inspect
+
+    net.to(torch.float16).save_pretrained(folder, variant="fp16", safe_serialization=True)
+    real = json.loads(CONTROLNET_REAL_CONFIGS[(model_key, kind)].read_text(encoding="utf-8"))
+    tiny = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    defaults = {k: p.default for k, p in inspect.signature(type(net).__init__).parameters.items()}
+    for key, value in tiny.items():
+        if key not in real and not key.startswith("_"):
+            default = defaults.get(key)
+            assert json.loads(json.dumps(default)) == value, (
+                f"{key}={value!r} is not the default and not in the real file"
+            )
+    written = {key: (real[key] if key.startswith("_") else tiny[key]) for key in real}
+    _json_dump(folder / "config.json", written, sort_keys=True)
+
+
+# The tiny Depth Anything V2: the real config (testkit/real_configs/depth-anything/config.json) with its sizes scaled
+# down (DINOv2 backbone 32 wide, 4 layers, the neck and head to match); patch size 14 and the processor's 518 px
+# input are the real ones, so the real preprocessor_config.json is copied as it is.
+DEPTH_TINY_SIZES = {
+    "backbone_config": {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 4,
+                        "out_features": ["stage1", "stage2", "stage3", "stage4"], "out_indices": [1, 2, 3, 4]},
+    "fusion_hidden_size": 16, "head_hidden_size": 8, "neck_hidden_sizes": [8, 16, 32, 32], "reassemble_hidden_size": 32,
+}  # fmt: skip
+
+
+def depth_estimator_config() -> dict:
+    config = json.loads((REAL_CONFIGS / "depth-anything" / "config.json").read_text(encoding="utf-8"))
+    config["backbone_config"] |= DEPTH_TINY_SIZES["backbone_config"]
+    config |= {key: value for key, value in DEPTH_TINY_SIZES.items() if key != "backbone_config"}
+    return config
+
+
+def build_depth_estimator(folder: Path, seed: int = 0) -> None:
+    """config.json, model.safetensors (fp32, as the real file) and the real preprocessor_config.json."""
+    from safetensors.torch import save_file
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
+
+    config = depth_estimator_config()
+    _seeded(seed, "depth-anything")
+    model = DepthAnythingForDepthEstimation(DepthAnythingConfig.from_dict(config)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {name: value.float().contiguous() for name, value in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    _json_dump(folder / "config.json", config, sort_keys=True)
+    shutil.copyfile(REAL_CONFIGS / "depth-anything" / "preprocessor_config.json", folder / "preprocessor_config.json")
 
 
 class _quiet:

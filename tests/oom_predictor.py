@@ -23,11 +23,11 @@ class OomPredictor(Predictor):
         super().setup()
         engine = self.engine
         state = {"armed": False, "calls": 0}
-        generate = engine.generate
+        generate = engine.generate_batch
 
-        def generate_armed(request, **options):
-            state["armed"], state["calls"] = MARKER in request.prompt, 0
-            return generate(request, **options)
+        def generate_armed(requests, *args, **options):
+            state["armed"], state["calls"] = any(MARKER in request.prompt for request in requests), 0
+            return generate(requests, *args, **options)
 
         def fail_second_call(module, args, kwargs):
             if state["armed"]:
@@ -35,5 +35,5 @@ class OomPredictor(Predictor):
                 if state["calls"] == 2:
                     raise torch.cuda.OutOfMemoryError(MESSAGE)
 
-        engine.generate = generate_armed
+        engine.generate_batch = generate_armed
         getattr(engine.pipe, engine.model.denoiser).register_forward_pre_hook(fail_second_call, with_kwargs=True)

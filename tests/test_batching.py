@@ -64,7 +64,7 @@ def test_a_request_at_an_idle_batcher_starts_at_once_and_alone():
 
     async def main():
         b = batcher(work)
-        return await predict(b, p("a")), b.batches
+        return await predict(b, p("a")), list(b.batches)
 
     assert asyncio.run(main()) == ("image of a", [1])
     assert work.batches == [[p("a")]]
@@ -76,7 +76,7 @@ def test_requests_queued_while_a_batch_runs_share_the_next_call():
     async def main():
         b = batcher(work)
         first, others = await start_first_then(b, work, p("b"), p("c"), p("d"))
-        return await first, await asyncio.gather(*others), b.batches
+        return await first, await asyncio.gather(*others), list(b.batches)
 
     first, others, sizes = asyncio.run(main())
     assert first == "image of first" and others == ["image of b", "image of c", "image of d"]

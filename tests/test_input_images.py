@@ -105,7 +105,7 @@ def test_prompt_strength_out_of_range_is_an_error(value):
 
 
 def test_disable_safety_checker_must_be_a_boolean():
-    assert req().safety_checker is True and req(disable_safety_checker=True).safety_checker is False
+    assert req().check_safety is True and req(disable_safety_checker=True).check_safety is False
     with pytest.raises(InputError, match="disable_safety_checker must be true or false"):
         req(disable_safety_checker="yes")
 

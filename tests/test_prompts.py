@@ -200,6 +200,18 @@ def test_words_after_the_last_comma_move_to_the_next_chunk_when_it_is_at_most_20
     assert far_chunks.ids[0][1:76] == far_ids[:75] and far_chunks.ids[1][1:7] == far_ids[75:]
 
 
+@pytest.mark.parametrize("before_comma, moves", [(55, True), (54, False)])
+def test_the_comma_backtrack_reaches_exactly_20_tokens_back(tokenizer, before_comma, moves):
+    # A1111 (modules/sd_hijack_clip.py, tokenize_line): when a chunk holds 75 tokens and the next comes, the words
+    # after its last comma move to the next chunk if 75 - (the comma's index) <= 20. A comma after 55 tokens sits at
+    # index 55: 20 back, it moves; after 54 tokens: 21 back, it stays.
+    prompt = f"{words(tokenizer, before_comma)} , {words(tokenizer, 80 - before_comma, 3)}"
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    first = chunk_tokens(tokenizer, parse(prompt)).ids[0]
+    kept = before_comma + 1 if moves else 75  # the comma ends the first chunk, or the chunk is cut at 75
+    assert first[1 : kept + 1] == ids[:kept] and first[kept + 1] == tokenizer.eos_token_id
+
+
 def test_each_token_carries_its_spans_weight_and_special_tokens_weigh_1(tokenizer):
     chunks = chunk_tokens(tokenizer, parse("(a red:1.5) [the] of"))
     assert chunks.weights[0][:6] == [1.0, 1.5, 1.5, 1 / 1.1, 1.0, 1.0] and set(chunks.weights[0][6:]) == {1.0}
@@ -468,6 +480,9 @@ def test_embeddings_made_under_other_style_loras_are_never_reused(engines):
     before = engine.loras.applied
     engine.loras.applied = (AppliedLora("style", 0.8, "0123456789ab"),)  # what fusing a style LoRA leaves
     try:
-        assert engine.pipeline_arguments(weighted)["prompt_embeds"] is not first
+        under_style = engine.pipeline_arguments(weighted)["prompt_embeds"]
+        assert under_style is not first
+        engine.loras.applied = (AppliedLora("style", 1.0, "0123456789ab"),)  # the same LoRA, another scale
+        assert engine.pipeline_arguments(weighted)["prompt_embeds"] is not under_style
     finally:
         engine.loras.applied = before

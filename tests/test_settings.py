@@ -82,3 +82,25 @@ def test_nothing_but_the_settings_reads_a_flashsd_variable():
     assert len(sources) > 10 and (PROJECT / "flashsd" / "settings.py") in sources
     readers = [path.name for path in sources if path.name != "settings.py" and read.search(path.read_text())]
     assert readers == []
+
+
+def test_controlnets_are_a_comma_list_of_control_types():
+    assert Settings.from_environ({}).controlnets == ()
+    assert Settings.from_environ({"FLASHSD_CONTROLNETS": " Canny, depth,canny "}).controlnets == ("canny", "depth")
+    assert Settings.from_environ({"FLASHSD_MODEL": "sd15", "FLASHSD_CONTROLNETS": "depth"}).controlnets == ("depth",)
+
+
+@pytest.mark.parametrize(
+    "environ, said",
+    [
+        ({"FLASHSD_CONTROLNETS": "canny,pose"}, "FLASHSD_CONTROLNETS='canny,pose' is not allowed: a comma list of "
+         "control types from canny, depth"),
+        ({"FLASHSD_MODEL": "pixart", "FLASHSD_CONTROLNETS": "canny"}, "FLASHSD_CONTROLNETS=canny is not allowed: "
+         "Flash PixArt takes no ControlNet (diffusers has no ControlNet pipeline for PixArt-α)"),
+        ({"FLASHSD_MODEL": "sd3", "FLASHSD_CONTROLNETS": "depth"}, "Flash SD3 takes no ControlNet"),
+    ],
+)  # fmt: skip
+def test_controlnets_a_build_cannot_hold_fail_setup_naming_the_variable(environ, said):
+    with pytest.raises(SettingsError) as error:
+        Settings.from_environ(environ)
+    assert said in str(error.value)

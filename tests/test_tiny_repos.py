@@ -22,9 +22,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from transformers import CLIPTokenizer, T5Tokenizer
 
+from flashsd.control import FAMILIES
 from flashsd.models import MODELS
 from testkit.real_size import file_layers
-from testkit.tiny_repos import build_repo_files, build_tiny_weights, files_under, listed_for
+from testkit.tiny_repos import build_repo_files, build_tiny_weights, control_repo_files, files_under, listed_for
 
 KEYS = list(MODELS)
 PROMPT = "A lighthouse at dawn, Zebra-crossing 3pm! 東京の夜景 émigré 🚀"  # words outside the corpus, non-Latin
@@ -88,6 +89,7 @@ def repo_files(root) -> set[str]:
 
 def test_the_weights_root_holds_nothing_but_the_repos(tiny_weights):
     expected = {f"{repo.id}/{name}" for model in MODELS.values() for repo in model.repos for name in repo.files}
+    expected |= {name for key in FAMILIES for name in control_repo_files(key)}  # every ControlNet, both families
     assert repo_files(tiny_weights) == expected
 
 

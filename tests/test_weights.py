@@ -599,3 +599,21 @@ def test_unwritable_root_is_a_clear_error(hub, tmp_path, base_files):
 
     with pytest.raises(WeightsError, match=f"Cannot write the weights under {blocker}/fake-org/tiny-base"):
         download(tiny_model(base_files), blocker, log=Log())
+
+
+def test_script_fetches_the_controlnets_the_build_names_with_the_depth_estimator(hf_env, script_env, tmp_path):
+    from flashsd.control import with_controlnets
+
+    with FakeHub() as hub:
+        served = serve_model(hub, with_controlnets(MODELS["sd15"], ("canny", "depth")))
+        env = script_env | {"HF_ENDPOINT": hub.url, "FLASHSD_MODEL": "sd15", "FLASHSD_CONTROLNETS": "depth,canny"}
+        result = run_script("--root", str(tmp_path / "w"), env=env)
+        assert result.returncode == 0, result.stderr
+        assert files_under(tmp_path / "w") == set(served)
+        assert {"lllyasviel/control_v11p_sd15_canny/diffusion_pytorch_model.fp16.safetensors",
+                "depth-anything/Depth-Anything-V2-Small-hf/model.safetensors"} <= set(served)  # fmt: skip
+
+
+def test_script_refuses_controlnets_for_a_model_that_takes_none(script_env):
+    result = run_script("--model", "pixart", "--controlnets", "canny", env=script_env)
+    assert result.returncode == 2 and "Flash PixArt takes no ControlNet" in result.stderr
