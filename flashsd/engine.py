@@ -16,13 +16,13 @@ import diffusers
 import torch
 from PIL import Image
 
-from . import adapter, errors, logs, loras, speed
+from . import adapter, errors, health, logs, loras, speed
 from .models import FlashModel
 from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
 from .request import GenerationRequest, build_request, distinct_sizes
 from .runtime import Runtime, select_runtime
-from .safety import ImagesFlagged, SafetyChecker
+from .safety import ImagesFlagged, SafetyChecker, screen_lines
 from .schedulers import FlashFlowMatchEulerDiscreteScheduler
 from .settings import Settings
 from .weights import repo_dir, weights_problems
@@ -82,6 +82,7 @@ class Engine:
         self.runtime = runtime
         self.safety_checker = safety_checker
         self._mode_pipelines: dict[str, object] = {}
+        self.fault = health.DeviceFault()  # the first fatal device error met (flashsd.health)
         self.speed = speed.SpeedState()  # what the fast path did (set in load)
         self.loras: loras.StyleLoras | None = None  # style LoRAs (set in load, for the models that take them)
         # A1111 weights and long prompts for the CLIP families (None: the pipeline reads plain text only)
@@ -111,10 +112,13 @@ class Engine:
         return derived
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Every torch module the engine runs (the pipeline's components and the safety checker), by name."""
+        """Every torch module the engine runs, by name: the pipeline's components, the safety checker and its second
+        opinion."""
         found = {name: c for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
         if self.safety_checker is not None:
             found["safety_checker"] = self.safety_checker.model
+            if self.safety_checker.second_opinion is not None:
+                found["safety_second_opinion"] = self.safety_checker.second_opinion.model
         return found
 
     def schedulers(self) -> list[object]:
@@ -176,7 +180,9 @@ class Engine:
         )
         checker = None
         if model.safety_checker is not None:
-            checker = SafetyChecker.load(root, model.safety_checker, runtime.device, runtime.dtype)
+            checker = SafetyChecker.load(
+                root, model.safety_checker, runtime.device, runtime.dtype, model.safety_second_opinion
+            )
         engine = cls(model, pipe, runtime, checker, settings)
         for mode in engine.modes:
             engine.pipeline_for(mode)  # built now, so a problem shows in setup
@@ -276,7 +282,7 @@ class Engine:
         arguments = self.pipeline_arguments(*requests)
         progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
         noise_source = getattr(pipe.scheduler, "noise_generators", None)
-        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device):
+        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device, self.fault):
             with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
                 with self._stoppable_inside_steps(stop):
                     images = pipe(**arguments, **progress).images
@@ -362,16 +368,10 @@ class Engine:
         if not request.check_safety:
             say(logging.INFO, "Safety checker disabled for this prediction (disable_safety_checker)")
             return generated
-        flags = self.safety_checker.flags([item.image for item in generated])
-        kept = [item for item, flagged in zip(generated, flags) if not flagged]
-        if len(kept) < len(generated):
-            say(
-                logging.WARNING,
-                "Safety checker: %d of %d image(s) flagged as potentially NSFW and left out (seeds %s)",
-                len(generated) - len(kept),
-                len(generated),
-                ", ".join(str(item.seed) for item, flagged in zip(generated, flags) if flagged),
-            )
+        verdicts = self.safety_checker.flags([item.image for item in generated])
+        kept = [item for item, flagged in zip(generated, verdicts) if not flagged]
+        for level, line in screen_lines(verdicts, [item.seed for item in generated]):
+            say(level, "%s", line)
         if not kept:
             raise ImagesFlagged(len(generated))
         return kept

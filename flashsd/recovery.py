@@ -3,8 +3,10 @@
 `PredictionGuard` (what Engine.generate runs its pipeline call in): an out-of-memory error becomes `OutOfMemory`,
 a message that says what to lower, after the frames that held the tensors are cleared and the allocator's cache
 is emptied; after any failure or cancellation, components moved or cast during the call are put back and the
-schedulers' per-call state is reset, so the next prediction runs exactly as before. It works on what the engine
-exposes (its modules and schedulers), not on the engine itself.
+schedulers' per-call state is reset, so the next prediction runs exactly as before. A fatal device error (one
+that poisons the CUDA context: flashsd.health) is recorded in the engine's DeviceFault and becomes `DeviceFailed`,
+which says that this instance can no longer serve. It works on what the engine exposes (its modules, schedulers and
+fault record), not on the engine itself.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import InputError
+from .health import DeviceFault
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -129,7 +132,8 @@ class PredictionGuard:
     """`with PredictionGuard(modules, schedulers, request, device): pipe(...)`.
 
     On an exception (cancellation included): restores the modules' device, dtype and mode and resets the
-    schedulers; an out-of-memory error is replaced by `OutOfMemory` once memory is freed.
+    schedulers; an out-of-memory error is replaced by `OutOfMemory` once memory is freed; a fatal device error is
+    recorded in `fault` and replaced by `DeviceFailed`.
     """
 
     def __init__(
@@ -138,9 +142,10 @@ class PredictionGuard:
         schedulers: Iterable[object],
         request: GenerationRequest,
         device: torch.device,
+        fault: DeviceFault | None = None,
     ):
         self.modules, self.schedulers = modules, list(schedulers)
-        self.request, self.device = request, device
+        self.request, self.device, self.fault = request, device, fault
 
     def __enter__(self) -> PredictionGuard:
         self._shot = snapshot(self.modules)
@@ -167,6 +172,8 @@ class PredictionGuard:
             restored = []
         if restored:
             log.warning("Restored after the failed prediction: %s", ", ".join(restored))
+        if self.fault is not None and self.fault.record(error):
+            raise self.fault.failure() from error
         if not out_of_memory:
             return False  # the original exception (or cancellation) propagates unchanged
         log.warning("%s; memory freed, the worker carries on", cause)
