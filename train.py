@@ -16,7 +16,8 @@ from flashsd.runtime import select_runtime
 from flashsd.settings import Settings
 from flashsd.training import TrainingOptions, run_training
 
-_outputs = OutputFolders(keep=1, prefix="flashsd-training-")  # the last training's tar, until the next one starts
+# The last training's tar stays until the next training starts (Cog sends it after train() returns).
+_outputs = OutputFolders(keep=1, prefix="flashsd-training-output-")
 
 
 class TrainingOutput(BaseModel):

@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("flashsd")
+WORK_PREFIX = "flashsd-training-work-"  # the training's own folder, in the temporary folder
 TAR_NAME = "trained_model.tar"  # the name cog-sdxl and flux-fine-tuner give theirs
 
 
@@ -66,7 +67,7 @@ def run_training(
     options = checked(model, options)  # before any download or file
     started = time.perf_counter()
     leave_out_known_noise()
-    folder = Path(tempfile.mkdtemp(prefix="flashsd-training-"))
+    folder = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     try:
         training_set = load_training_set(archive, folder, options.trigger_word, options.resolution, limits)
         ensure_weights(model, root, log=log.info)

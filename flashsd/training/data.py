@@ -27,6 +27,7 @@ import lzma
 import re
 import stat
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -406,8 +407,13 @@ def load_training_set(
 
 def decoded_size(path: Path, name: str, limits: Limits) -> tuple[int, int]:
     """The upright size of the image in `path`, decoded in full (a damaged file fails here); InputError if not."""
-    with Image.open(path) as probe:
-        width, height = probe.size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:  # the header alone
+                width, height = probe.size
+    except Exception:
+        width = height = 0  # load_image says what is wrong with it
     if width * height > limits.max_image_pixels:
         raise InputError(
             f"{INPUT}: {name} is {width}x{height}, more than {limits.max_image_pixels / 1e6:.0f} megapixels"
