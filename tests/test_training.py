@@ -200,6 +200,21 @@ def test_the_trained_lora_serves_through_lora_weights_as_diffusers_load_lora_wei
     assert np.abs(pixels(served.image) - pixels(reference)).max() <= 1  # within 1/255
 
 
+@pytest.mark.parametrize("dtype, scaling", [(torch.bfloat16, False), (torch.float16, True)])
+def test_the_mixed_precision_path_of_a_gpu_trains_fp32_lora_weights(tiny_weights, two_images, dtype, scaling):
+    """What a GPU runs (frozen weights in bf16, or fp16 with loss scaling; autocast; gradient checkpointing), run on
+    the CPU: the LoRA weights stay fp32 and move, the losses are finite."""
+    precision = training_loop.Precision(CPU, dtype, autocast=True, loss_scaling=scaling, gradient_checkpointing=True)
+    lora = train_lora(MODELS["sdxl"], tiny_weights, two_images, TrainingOptions(
+        steps=3, resolution=64, seed=1, lora_rank=4, learning_rate=1e-2, train_text_encoder=True,
+    ), CPU, precision=precision)  # fmt: skip
+    assert all(np.isfinite(lora.losses)) and lora.precision.name == f"{str(dtype).removeprefix('torch.')} mixed"
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        ups = [v for k, v in lora.layers[component].items() if ".up." in k]
+        assert ups and all(v.dtype == torch.float32 for v in lora.layers[component].values())
+        assert any(v.abs().max() > 0 for v in ups), component  # B starts at zero: it moved
+
+
 # -- progress, cancel, memory ------------------------------------------------------------------------------------
 
 

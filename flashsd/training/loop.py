@@ -218,11 +218,13 @@ def train_lora(
     *,
     stop: Stop = None,
     says: Sequence[Say] = (),
+    precision: Precision | None = None,
 ) -> TrainedLora:
     """Train a LoRA on `images` (options already checked: resolution and seed set). One tqdm-format progress line per
     step, with the loss, through `says` (default: the flashsd logger); `stop()` true before a step ends the training
-    with Stopped. Out of memory is a TrainingError saying what to lower."""
-    precision = precision_for(device)
+    with Stopped. Out of memory is a TrainingError saying what to lower. `precision`: default, the device's
+    (precision_for)."""
+    precision = precision or precision_for(device)
     say_all = list(says) or [log.log]
 
     def say(level: int, message: str, *args) -> None:
@@ -313,7 +315,7 @@ def _train(model, root, images, options, precision: Precision, stop: Stop, say: 
         module.train()
     parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, **ADAMW)
-    scaler = torch.amp.GradScaler("cuda") if precision.loss_scaling else None
+    scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
     scheduler = base.noise_scheduler
     timesteps_count = scheduler.config.num_train_timesteps
     prediction_type = scheduler.config.prediction_type
