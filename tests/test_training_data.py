@@ -267,3 +267,18 @@ def test_an_image_over_the_size_bounds_is_skipped_without_being_decoded(tmp_path
     reasons = {s.name: s.reason for s in training_set.skipped}
     assert "12000x12000, more than 100 megapixels" in reasons["bomb.png"]
     assert "more than" in reasons["big.png"] and "bytes" in reasons["big.png"]
+
+
+def test_the_readme_states_the_bounds_the_code_applies():
+    from testkit.cog_server import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    limits = Limits()
+    for row in (
+        f"| entries (files and folders) | {limits.max_entries:,} |",
+        f"| all files, uncompressed | {limits.max_total_bytes / 1e9:g} GB |",
+        f"| one image file | {limits.max_image_bytes / 1e6:g} MB |",
+        f"| one image, decoded | {limits.max_image_pixels / 1e6:g} megapixels |",
+        f"| one caption file | {limits.max_caption_bytes // 1024} KB |",
+    ):
+        assert row in readme, row

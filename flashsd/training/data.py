@@ -209,8 +209,12 @@ class _Reader:
             self.metadata_files += 1
             return
         if entry.kind != "file":
-            what = "a link" if entry.kind == "link" else "not a regular file (a device or FIFO)"
-            self.skipped.append(Skipped(name, f"{what}: links are never followed or created"))
+            why = (
+                "a link: links are never followed or created"
+                if entry.kind == "link"
+                else ("not a regular file (a device or FIFO): never created")
+            )
+            self.skipped.append(Skipped(name, why))
             return
         suffix = PurePosixPath(name).suffix.lower()
         if suffix in IMAGE_SUFFIXES:

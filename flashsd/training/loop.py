@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,7 +91,6 @@ class TrainedLora:
     precision: Precision
     peak_gpu_bytes: int | None = None
     parameters: int = 0  # trainable LoRA parameters
-    figures: dict[str, float] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float:
@@ -245,83 +244,111 @@ def train_lora(
         ) from None
 
 
-def _train(model, root, images, options, precision: Precision, stop: Stop, say: Say) -> TrainedLora:
-    from diffusers.training_utils import cast_training_params
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from tqdm import tqdm
-
-    seed, resolution, device = options.seed, options.resolution, precision.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    base = BaseModel(model, root, precision)
-    say(logging.INFO, "%s base model loaded on %s (%s) in %.1f s", model.title, device, precision.name,
-        time.perf_counter() - started)  # fmt: skip
-    _check_stop(stop, 0, options.steps)
-
-    # Latent distributions once per image, prompt embeddings once per caption (unless the encoders train).
-    clock = time.perf_counter()
-    examples = []
+def _encode_images(base: BaseModel, images, resolution: int, stop: Stop, steps: int) -> list[_Example]:
+    """Each image's latent distribution (the VAE once per image) and SDXL time ids."""
+    precision, examples = base.precision, []
     for image in images:
         with open_image(image) as decoded:
             original = (decoded.height, decoded.width)
             square, (top, left) = crop_to_square(decoded, resolution)
         with torch.no_grad(), _autocast(precision):
-            pixels = _pixels(square).unsqueeze(0).to(device, precision.weight_dtype)
+            pixels = _pixels(square).unsqueeze(0).to(precision.device, precision.weight_dtype)
             latent = base.vae.encode(pixels).latent_dist
         examples.append(_Example(
             latent.mean[0].float().cpu(), latent.std[0].float().cpu(), image.caption,
             (*original, top, left, resolution, resolution),
         ))  # fmt: skip
-        _check_stop(stop, 0, options.steps)
-    scaling, shift = base.vae.config.scaling_factor, getattr(base.vae.config, "shift_factor", None) or 0.0
-    base.vae.to("cpu")
-    captions = sorted({e.caption for e in examples})
-    token_ids = dict(zip(captions, zip(*[ids.unbind(0) for ids in base.tokenize(captions)])))
-    cached: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    if not options.train_text_encoder:
-        with torch.no_grad(), _autocast(precision):
-            for caption in captions:
-                embeds, pooled = base.encode_prompts([ids.unsqueeze(0) for ids in token_ids[caption]])
-                cached[caption] = (embeds[0].to("cpu", precision.weight_dtype),
-                                   None if pooled is None else pooled[0].to("cpu", precision.weight_dtype))  # fmt: skip
-        for encoder in base.text_encoders:
-            encoder.to("cpu")
-    say(logging.INFO, "Encoded %d image(s) and %d caption(s) in %.1f s", len(examples), len(captions),
-        time.perf_counter() - clock)  # fmt: skip
+        _check_stop(stop, 0, steps)
+    base.vae.to("cpu")  # not needed on the device any more
+    return examples
 
-    # The LoRA layers: their initial values come from the seed alone.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base.unet.add_adapter(LoraConfig(
-            r=options.lora_rank, lora_alpha=options.lora_rank, init_lora_weights="gaussian",
-            target_modules=UNET_TARGETS,
-        ))  # fmt: skip
-        if options.train_text_encoder:
-            for encoder in base.text_encoders:
-                encoder.add_adapter(LoraConfig(
-                    r=options.lora_rank, lora_alpha=options.lora_rank, init_lora_weights="gaussian",
-                    target_modules=TEXT_ENCODER_TARGETS,
-                ))  # fmt: skip
+
+def _encode_captions(base: BaseModel, token_ids: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each caption's prompt embeddings (and SDXL's pooled one), when the text encoders are not trained."""
+    precision, cached = base.precision, {}
+    with torch.no_grad(), _autocast(precision):
+        for caption, ids in token_ids.items():
+            embeds, pooled = base.encode_prompts([i.unsqueeze(0) for i in ids])
+            cached[caption] = (embeds[0].to("cpu", precision.weight_dtype),
+                               None if pooled is None else pooled[0].to("cpu", precision.weight_dtype))  # fmt: skip
+    for encoder in base.text_encoders:
+        encoder.to("cpu")
+    return cached
+
+
+def _add_lora(base: BaseModel, options: TrainingOptions) -> list[torch.nn.Module]:
+    """LoRA layers on the UNet (and the text encoders), their initial values from the seed alone; returns the
+    modules that train, ready to (LoRA weights fp32, gradient checkpointing as the precision says)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    def config(targets):
+        return LoraConfig(r=options.lora_rank, lora_alpha=options.lora_rank, init_lora_weights="gaussian",
+                          target_modules=targets)  # fmt: skip
+
     trained = [base.unet, *(base.text_encoders if options.train_text_encoder else [])]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        base.unet.add_adapter(config(UNET_TARGETS))
+        for encoder in trained[1:]:
+            encoder.add_adapter(config(TEXT_ENCODER_TARGETS))
     cast_training_params(trained, dtype=torch.float32)
-    if precision.gradient_checkpointing:
+    if base.precision.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for encoder in trained[1:]:
-            encoder.gradient_checkpointing_enable()
+            encoder.gradient_checkpointing_enable()  # after add_adapter: transformers then makes inputs need grads
     for module in trained:
         module.train()
-    parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, **ADAMW)
-    scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
+    return trained
+
+
+def _lora_layers(base: BaseModel, options: TrainingOptions) -> dict[str, dict[str, torch.Tensor]]:
+    """The trained layers in diffusers' format, per component (CPU, fp32), as the scripts hand them to
+    save_lora_weights."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    modules = {"unet": base.unet}
+    if options.train_text_encoder:
+        modules |= dict(zip(TEXT_ENCODERS, base.text_encoders))
+    return {
+        name: {
+            key: value.detach().to("cpu", torch.float32).contiguous()
+            for key, value in convert_state_dict_to_diffusers(get_peft_model_state_dict(module)).items()
+        }
+        for name, module in modules.items()
+    }
+
+
+def _train(model, root, images, options, precision: Precision, stop: Stop, say: Say) -> TrainedLora:
+    from tqdm import tqdm
+
+    seed, resolution, device = options.seed, options.resolution, precision.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = time.perf_counter()
+    base = BaseModel(model, root, precision)
     scheduler = base.noise_scheduler
-    timesteps_count = scheduler.config.num_train_timesteps
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise TrainingError(f"{model.title}'s scheduler predicts {prediction_type!r}: not a trainable objective here")
+    say(logging.INFO, "%s base model loaded on %s (%s) in %.1f s", model.title, device, precision.name,
+        time.perf_counter() - clock)  # fmt: skip
+    _check_stop(stop, 0, options.steps)
 
+    clock = time.perf_counter()
+    examples = _encode_images(base, images, resolution, stop, options.steps)
+    scaling, shift = base.vae.config.scaling_factor, getattr(base.vae.config, "shift_factor", None) or 0.0
+    captions = sorted({e.caption for e in examples})
+    token_ids = dict(zip(captions, zip(*[ids.unbind(0) for ids in base.tokenize(captions)])))
+    cached = {} if options.train_text_encoder else _encode_captions(base, token_ids)
+    say(logging.INFO, "Encoded %d image(s) and %d caption(s) in %.1f s", len(examples), len(captions),
+        time.perf_counter() - clock)  # fmt: skip
+
+    trained = _add_lora(base, options)
+    parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=options.learning_rate, **ADAMW)
+    scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
     count = sum(p.numel() for p in parameters)
     say(
         logging.INFO, "Training a rank-%d LoRA (%s parameters%s) on %d image(s) for %d steps at %dx%d, batch %d, "
@@ -340,12 +367,9 @@ def _train(model, root, images, options, precision: Precision, stop: Stop, say: 
         std = torch.stack([e.latent_std for e in batch])
         latents = (mean + std * torch.randn(mean.shape, generator=generator) - shift) * scaling
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, timesteps_count, (len(batch),), generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        if prediction_type == "epsilon":
-            target = noise
-        else:
-            target = scheduler.get_velocity(latents, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         with _autocast(precision):
             if options.train_text_encoder:
                 ids = [torch.stack([token_ids[e.caption][i] for e in batch]) for i in range(len(base.tokenizers))]
@@ -379,17 +403,11 @@ def _train(model, root, images, options, precision: Precision, stop: Stop, say: 
         say(logging.INFO, "%s", line)
     seconds = time.perf_counter() - clock
 
-    layers = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))}
-    if options.train_text_encoder:
-        for name, encoder in zip(TEXT_ENCODERS, base.text_encoders):
-            layers[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
-    layers = {name: {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
-              for name, sd in layers.items()}  # fmt: skip
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    trained_lora = TrainedLora(layers, losses, seconds, precision, peak, count)
+    lora = TrainedLora(_lora_layers(base, options), losses, seconds, precision, peak, count)
     say(logging.INFO, "Trained %d steps in %.1f s (%.2f steps/s); final loss %.4f", options.steps, seconds,
-        options.steps / max(seconds, 1e-9), trained_lora.final_loss)  # fmt: skip
-    return trained_lora
+        options.steps / max(seconds, 1e-9), lora.final_loss)  # fmt: skip
+    return lora
 
 
 @contextlib.contextmanager
