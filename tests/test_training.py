@@ -173,7 +173,7 @@ def pixels(image) -> np.ndarray:
 def test_the_trained_lora_serves_through_lora_weights_as_diffusers_load_lora_weights_serves_it(
     tiny_weights, two_images, engines, tmp_path, key
 ):
-    lora = train(tiny_weights, two_images, key, steps=20, learning_rate=1e-2, lora_rank=16, train_text_encoder=True)
+    lora = train(tiny_weights, two_images, key, steps=10, learning_rate=1e-2, lora_rank=16, train_text_encoder=True)
     pipe_class = StableDiffusionXLPipeline if key == "sdxl" else StableDiffusionPipeline
     lora_file = save_lora(lora, pipe_class, tmp_path)
     prompt, seed = "a photo of TOK", 1234
