@@ -45,9 +45,10 @@ def tiny_server(weights: Path, model: str, folder: Path) -> CogServer:
 
 
 class CogServer:
-    """`python -m cog.server.http` as the container runs it, with its logs kept in a file."""
+    """`python -m cog.server.http` as the container runs it, with its logs kept in a file. `train=True`: the server
+    in train mode (`--x-mode train`, cog.yaml's `train:` in COG_TRAIN_TYPE_STUB), as Replicate runs trainings."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = PROJECT_ROOT):
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = PROJECT_ROOT, train: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -57,16 +58,18 @@ class CogServer:
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "COG_TRAIN_TYPE_STUB": "train.py:train",
             "PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
             **env,
         }
+        self.mode = ["--x-mode", "train"] if train else []
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> CogServer:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *self.mode],
             cwd=self.cwd,
             env=self.env,
             stdout=self._log,
@@ -110,6 +113,10 @@ class CogServer:
         while (response := self.post(inputs, timeout, **kwargs)).status_code == 409 and time.monotonic() < deadline:
             time.sleep(0.02)
         return response
+
+    def train(self, inputs: dict, timeout: float = 300, **kwargs) -> requests.Response:
+        """One POST /trainings (train mode)."""
+        return requests.post(f"{self.url}/trainings", json={"input": inputs}, timeout=timeout, **kwargs)
 
     def logs(self) -> str:
         self._log.flush()

@@ -27,6 +27,24 @@ def test_the_graph_script_finds_a_circle(tmp_path):
     assert result.returncode == 1 and "import circle: a -> b -> c -> a" in result.stderr
 
 
+def test_a_circle_through_a_subpackage_is_found_and_training_never_reaches_into_the_engine(tmp_path):
+    package = tmp_path / "flashsd"
+    (package / "wing").mkdir(parents=True)
+    (package / "a.py").write_text("from .wing import run\n")
+    (package / "wing" / "__init__.py").write_text("from .inner import run\n")
+    (package / "wing" / "inner.py").write_text("from ..a import x\n")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "import-graph").write_text((PROJECT / "scripts" / "import-graph").read_text())
+    result = subprocess.run([sys.executable, str(scripts / "import-graph")], capture_output=True, text=True)
+    assert result.returncode == 1 and "a -> wing" in result.stderr and "wing.inner -> a" in result.stderr
+    real = subprocess.run([sys.executable, "scripts/import-graph"], cwd=PROJECT, capture_output=True, text=True).stdout
+    training = [line for line in real.splitlines() if line.split(" ")[0].split(".")[0] == "training"]
+    imported = {name for line in training for name in line.split("-> ")[1].split(", ")}
+    assert len(training) >= 4 and "weights" in imported  # it reuses the weights layout...
+    assert not {name.split(".")[0] for name in imported} & {"engine", "loras", "batching"}  # ...never the engine's
+
+
 def test_the_product_imports_no_private_module_of_huggingface_hub_or_cog():
     product = [
         *sorted((PROJECT / "flashsd").rglob("*.py")),
