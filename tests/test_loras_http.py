@@ -28,7 +28,7 @@ from testkit.cog_server import CogServer, decode_data_url
 from testkit.fake_hub import FakeHub, closed_port
 from testkit.lora_files import write_lora, write_pickle, write_real_shaped
 from testkit.lora_server import LoraServer
-from tests.test_loras import jaspers_recipe, run_recipe
+from testkit.recipes import card_pipeline, run_card
 
 SMALL = {"prompt": "a lighthouse at dawn", "aspect_ratio": "custom", "width": 64, "height": 64, "seed": 1234,
          "disable_safety_checker": True, "output_format": "png"}  # fmt: skip
@@ -155,7 +155,8 @@ def test_every_format_and_two_loras_at_once_give_jaspers_recipe_over_http(world,
     sent = {k: (v.removeprefix("hub:") if v.startswith("hub:") else world.url(v)) if isinstance(v, str) else v
             for k, v in inputs.items()}  # fmt: skip
     (image,) = succeeded(world.server, **sent)
-    reference = run_recipe(jaspers_recipe("sdxl", tiny_weights, [(world.lora[n], s) for n, s in styles]), "sdxl")
+    recipe = card_pipeline("sdxl", tiny_weights, fuse=False, styles=[(world.lora[n], s) for n, s in styles])
+    (reference,) = run_card(recipe, "sdxl", [1234], width=64, height=64)
     assert int(np.abs(image - np.asarray(reference.convert("RGB")).astype(np.int16)).max()) <= 1
     assert int(np.abs(image - world.baseline["plain"][0]).max()) > 10  # the LoRA changed the image
     for name in {n for n, _ in styles if not str(inputs.get("lora_weights", "")).startswith("hub:")}:
