@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import logging
 import os
 import pickle
@@ -36,18 +35,11 @@ from flashsd.models import MODELS
 from flashsd.recovery import OutOfMemory, is_out_of_memory
 from flashsd.request import MAX_PROMPT_CHARS, build_request
 from flashsd.runtime import Runtime
-from flashsd.weights import repo_dir, safetensors_problem
+from flashsd.weights import safetensors_problem
 from testkit.fake_hub import FakeHub, _Handler, closed_port
-from tests.test_weights import (  # noqa: F401 - fixtures
-    ADAPTER_FILES,
-    ADAPTER_REV,
-    BASE_REV,
-    Log,
-    base_files,
-    big,
-    hf_env,
-    tiny_model,
-)
+from testkit.fake_model import ADAPTER_FILES, ADAPTER_REV, BASE_REV, Log, tiny_model
+from testkit.predictors import predictor_inputs
+from testkit.weight_files import adapter_file, copy_model, denoiser_file, truncate
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 SMALL = dict(aspect_ratio="custom", width=64, height=64)
@@ -58,14 +50,6 @@ CUDA_OOM = (
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-
-
-def predictor_defaults() -> dict:
-    """predict()'s Input defaults: coglet resolves them, a direct call must pass every argument."""
-    from predict import Predictor
-
-    parameters = list(inspect.signature(Predictor.predict).parameters.values())[1:]
-    return {p.name: getattr(p.default, "default", p.default) for p in parameters}
 
 
 def new_predictor(monkeypatch, root: Path, key: str):
@@ -90,9 +74,8 @@ class Loaded:
         previous = tempfile.tempdir
         tempfile.tempdir = str(self.tmp)
         try:
-            return asyncio.run(
-                self.predictor.predict(**{**predictor_defaults(), **SMALL, "prompt": "a lighthouse at dawn", **inputs})
-            )
+            inputs = predictor_inputs(type(self.predictor), **(SMALL | {"prompt": "a lighthouse at dawn"} | inputs))
+            return asyncio.run(self.predictor.predict(**inputs))
         finally:
             tempfile.tempdir = previous
 
@@ -367,30 +350,6 @@ def offline(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-
-
-def copy_model(src: Path, dst: Path, key: str) -> Path:
-    for repo in MODELS[key].repos:
-        shutil.copytree(repo_dir(src, repo), repo_dir(dst, repo), dirs_exist_ok=True)
-    return dst
-
-
-def denoiser_file(root: Path, key: str) -> Path:
-    model = MODELS[key]
-    return next(
-        repo_dir(root, model.base) / f
-        for f in model.base.files
-        if f.startswith(f"{model.denoiser}/") and f.endswith(".safetensors")
-    )
-
-
-def adapter_file(root: Path, key: str) -> Path:
-    model = MODELS[key]
-    return repo_dir(root, model.adapter) / next(f for f in model.adapter.files if f.endswith(".safetensors"))
-
-
-def truncate(path: Path) -> None:
-    os.truncate(path, path.stat().st_size // 2)
 
 
 def scramble_header(path: Path) -> None:
