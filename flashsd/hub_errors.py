@@ -61,12 +61,8 @@ def translate(exc: BaseException, repo: HubRepo, f: str, ctx: HubContext, dest: 
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        XetDownloadError,
     )
-
-    try:
-        from huggingface_hub.errors import XetDownloadError
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        XetDownloadError = ()  # type: ignore[assignment]
 
     chain = list(_chain(exc))
 

@@ -32,9 +32,7 @@ class OutOfMemory(InputError):
     """The request needs more memory than the device has free: the message says what to lower."""
 
 
-_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError, MemoryError}
-)
+_OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)  # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError
 # RuntimeErrors that are allocation failures under another name (cuBLAS/cuDNN workspaces, the CPU allocator).
 _OOM_MARKERS = (
     "out of memory",
