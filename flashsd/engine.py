@@ -118,10 +118,6 @@ class Engine:
             found["safety_checker"] = self.safety_checker.model
         return found
 
-    def schedulers(self) -> list[object]:
-        """The schedulers of every pipeline the engine has built (they hold per-call state)."""
-        return [self.pipe.scheduler, *(p.scheduler for p in self._mode_pipelines.values())]
-
     @classmethod
     def load(
         cls, model: FlashModel, root: Path, runtime: Runtime | None = None, settings: Settings | None = None
@@ -243,7 +239,7 @@ class Engine:
         true between two steps ends the call with errors.Stopped (a cancelled prediction frees the device).
 
         Out of memory becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or
-        cancellation the engine's modules and schedulers are restored, so the worker, which Cog never
+        cancellation the engine's modules are restored, so the worker, which Cog never
         restarts, carries on."""
         for warning in truncated_prompt_warnings(
             self.pipe, self.model.title, request, clip_reads_everything=self.prompts is not None
@@ -252,7 +248,7 @@ class Engine:
         for note in prompt_notes(self.model, request):
             log.info("%s", note)
         applied = self.apply_loras(request, stop)
-        with PredictionGuard(self.modules(), self.schedulers(), request, self.runtime.device):
+        with PredictionGuard(self.modules(), request, self.runtime.device):
             generated = self._generate(request, stop)
         return [dataclasses.replace(item, loras=applied) for item in generated] if applied else generated
 
@@ -400,7 +396,7 @@ class Engine:
         arguments["generator"] = [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.seeds]
         progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(self.pipe)
         noise_source = getattr(self.pipe.scheduler, "noise_generators", None)
-        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device):
+        with PredictionGuard(self.modules(), first, self.runtime.device):
             with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
                 with self._stoppable_inside_steps(stop):
                     images = self.pipe(**arguments, **progress).images

@@ -181,7 +181,7 @@ def test_out_of_memory_mid_denoising_says_what_to_lower_frees_memory_and_the_nex
     assert "CUDA out of memory" not in message and "Traceback" not in message
     assert hook_state(run.engine) == hooks_before
     scheduler = run.engine.pipe.scheduler
-    assert getattr(scheduler, "_generators", None) is None and scheduler.step_index is None
+    assert getattr(scheduler, "_generators", None) is None
     after = run.pixels(seed=7)
     assert all(np.array_equal(a, b) for a, b in zip(after, baseline, strict=True))
 
@@ -232,6 +232,26 @@ def test_other_errors_propagate_unchanged_and_the_engine_is_restored(loaded):
     finally:
         handle.remove()
     assert all(np.array_equal(a, b) for a, b in zip(run.pixels(seed=5), baseline, strict=True))
+
+
+@pytest.mark.parametrize("key", ["sd15", "sd3"])  # LCMScheduler, the Flash flow-match scheduler
+def test_a_failure_mid_way_through_an_image_to_image_call_leaves_the_next_calls_unchanged(loaded, tmp_path, key):
+    """The scheduler is left part-way (image-to-image starts at a begin index; the failure lands after a step):
+    the next calls, text-to-image and image-to-image, run their whole schedule as before."""
+    run = loaded(key)
+    image = tmp_path / "input.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
+    from_image = dict(seed=4, image=image, prompt_strength=0.8)  # 3 of the 4 steps: begin index 1
+    baseline, baseline_from_image = run.pixels(seed=4), run.pixels(**from_image)
+    denoiser = getattr(run.engine.pipe, run.engine.model.denoiser)
+    handle = hooked(denoiser, FailOnCall(ValueError("a bug"), on_call=3))  # after the first two steps
+    try:
+        with pytest.raises(ValueError, match="a bug"):
+            run.predict(**from_image)
+    finally:
+        handle.remove()
+    assert all(np.array_equal(a, b) for a, b in zip(run.pixels(seed=4), baseline, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(run.pixels(**from_image), baseline_from_image, strict=True))
 
 
 # -- cancellation ------------------------------------------------------------------------------------------------
