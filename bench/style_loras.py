@@ -130,9 +130,10 @@ def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int)
 
 def cached_lora_ratio(model, root: Path, size: int, repeats: int) -> dict:
     """Two predictors on the same weights, interleaved: one with the same LoRA every time, one without."""
-    from bench.pipeline import load_predictor, predictor_inputs
+    from bench.pipeline import load_predictor
     from testkit.lora_files import write_lora
     from testkit.lora_server import LoraServer
+    from testkit.predictors import predictor_inputs
 
     plain, _ = load_predictor(model, root)
     styled, _ = load_predictor(model, root)

@@ -121,10 +121,6 @@ class Engine:
                 found["safety_second_opinion"] = self.safety_checker.second_opinion.model
         return found
 
-    def schedulers(self) -> list[object]:
-        """The schedulers of every pipeline the engine has built (they hold per-call state)."""
-        return [self.pipe.scheduler, *(p.scheduler for p in self._mode_pipelines.values())]
-
     @classmethod
     def load(
         cls, model: FlashModel, root: Path, runtime: Runtime | None = None, settings: Settings | None = None
@@ -272,7 +268,7 @@ class Engine:
 
         A failure of the call is raised (the batcher retries a shared call's requests one by one). Out of memory
         becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or cancellation the
-        engine's modules and schedulers are restored, so the worker, which Cog never restarts, carries on."""
+        engine's modules are restored, so the worker, which Cog never restarts, carries on."""
         says = list(says or [log.log] * len(requests))
         first = requests[0]
         for request, say in zip(requests, says):
@@ -282,7 +278,7 @@ class Engine:
         arguments = self.pipeline_arguments(*requests)
         progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
         noise_source = getattr(pipe.scheduler, "noise_generators", None)
-        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device, self.fault):
+        with PredictionGuard(self.modules(), first, self.runtime.device, self.fault):
             with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
                 with self._stoppable_inside_steps(stop):
                     images = pipe(**arguments, **progress).images

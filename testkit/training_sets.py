@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 CAPTIONS = ("a lighthouse at dawn", "a bowl of fruit on a table", "a cat on a red chair", "a mountain lake")
@@ -46,3 +48,32 @@ if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     print(write_sample_archive(Path(sys.argv[1]), *map(int, sys.argv[2:4])))
+
+
+def png(size=(96, 80), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg(size=(80, 96), seed=1) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png(size, seed))).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_zip(path: Path, files: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return path
+
+
+def make_tar(path: Path, files: dict[str, bytes], mode="w:gz") -> Path:
+    with tarfile.open(path, mode) as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path

@@ -21,8 +21,7 @@ from flashsd.settings import LoraSettings
 from testkit.fake_hub import FakeHub, closed_port
 from testkit.lora_files import addnet_hash
 from testkit.lora_server import LoraServer
-from tests.test_loras import fresh_loras, lora_file, same_weights, style, weights_of_manager  # noqa: F401 - fixture
-from tests.test_weights import hf_env  # noqa: F401 - fixture
+from testkit.style_loras import fresh_loras, same_weights, style, weights_of_manager
 
 SETTINGS = LoraSettings(cache_bytes=10**9, max_file_bytes=2_000_000, memory_bytes=10**9, timeout_s=2.0)
 

@@ -40,7 +40,7 @@ from flashsd.training import (
 from flashsd.training import loop as training_loop
 from flashsd.training.export import save_lora
 from testkit.lora_server import LoraServer
-from tests.test_training_data import make_zip, png
+from testkit.training_sets import make_zip, png
 
 CPU = torch.device("cpu")
 PROGRESS = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)")  # what Replicate's clients read (REFERENCE §3b)

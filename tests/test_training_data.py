@@ -15,42 +15,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from flashsd.training.data import DEFAULT_LIMITS, Limits, TrainingDataError, load_training_set
+from testkit.training_sets import jpeg, make_tar, make_zip, png
 
 RESOLUTION = 64  # images must be at least 32 px on their shorter side
-
-
-def png(size=(96, 80), seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def jpeg(size=(80, 96), seed=1) -> bytes:
-    buffer = io.BytesIO()
-    Image.open(io.BytesIO(png(size, seed))).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_zip(path: Path, files: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
-    with zipfile.ZipFile(path, "w", compression) as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    return path
-
-
-def make_tar(path: Path, files: dict[str, bytes], mode="w:gz") -> Path:
-    with tarfile.open(path, mode) as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return path
 
 
 def load(archive: Path, folder: Path, limits: Limits = DEFAULT_LIMITS, trigger="TOK", resolution=RESOLUTION):

@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from testkit.cog_server import CogServer
+from testkit.training_sets import make_zip, png
 from testkit.webhooks import WebhookReceiver
-from tests.test_training_data import make_zip, png
 
 PROGRESS = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)", re.MULTILINE)
 FINAL = ("succeeded", "failed", "canceled")

@@ -6,7 +6,7 @@ import json
 
 from flashsd.training import options
 from testkit.cog_server import PROJECT_ROOT
-from tests.test_schema import SCHEMA, _schema_script
+from testkit.schema import SCHEMA, schema_script
 
 
 def test_the_training_document_is_merged_into_the_committed_schema():
@@ -50,7 +50,7 @@ def test_check_fails_when_train_py_changed_but_the_schema_did_not(tmp_path):
     changed = source.replace("ge=1, le=8, default=1", "ge=1, le=4, default=1")
     assert changed != source
     (tmp_path / "train.py").write_text(changed)
-    result = _schema_script("--check", "--root", str(tmp_path))
+    result = schema_script("--check", "--root", str(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "predict.py:Predictor and train.py:train" in result.stderr and '"maximum": 4' in result.stderr
 
@@ -59,7 +59,7 @@ def test_without_a_train_line_the_schema_has_no_training_document(tmp_path):
     for name in ("predict.py", "train.py"):
         (tmp_path / name).write_text((PROJECT_ROOT / name).read_text())
     (tmp_path / "cog.yaml").write_text('predict: "predict.py:Predictor"\n')
-    result = _schema_script("--stdout", "--root", str(tmp_path))
+    result = schema_script("--stdout", "--root", str(tmp_path))
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert "/trainings" not in document["paths"] and "TrainingInput" not in document["components"]["schemas"]
