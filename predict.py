@@ -5,10 +5,13 @@ FLASHSD_WEIGHTS (default: weights/ beside this file). Up to 4 predictions run at
 `cog build` writes into the image as COG_MAX_CONCURRENCY, the variable coglet reads; `make serve` sets it):
 compatible ones share one pipeline call on the one thread that owns the model (flashsd.batching); the event loop
 only awaits (decoding inputs and encoding outputs, which touch no model, run in asyncio's threads).
+Each prediction records its metrics (flashsd.metrics); the health check says whether the instance can still serve
+(flashsd.health).
 """
 
 import asyncio
 import logging
+import time
 from typing import List, Optional
 
 from cog import BasePredictor, Input, Path, concurrent
@@ -17,7 +20,9 @@ from flashsd.batching import ModelThread, engine_batcher
 from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tempdir
 from flashsd.download import ensure_weights
 from flashsd.engine import Engine
+from flashsd.health import HealthCheck
 from flashsd.images import write_outputs
+from flashsd.metrics import prediction_metrics
 from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.runtime import select_runtime
@@ -37,10 +42,18 @@ class Predictor(BasePredictor):
         thread = ModelThread()
         self.engine = thread.call(Engine.load, self.model, settings.weights_root, runtime, settings)
         self.batcher = engine_batcher(self.engine, thread)
+        self.health = HealthCheck(
+            self.engine.fault, worker_alive=lambda: thread.alive, worker_busy=lambda: thread.busy,
+            run_on_worker=thread.run_if_idle, device=runtime.device,
+        )  # fmt: skip
         in_flight = settings.max_concurrency
         self.outputs = OutputFolders(keep=in_flight)  # the folders of predictions still being delivered
         # Concurrent requests' input copies may be arriving: sweep only those older than any live request.
         self.stale_input_s = 0 if in_flight == 1 else 900
+
+    async def healthcheck(self) -> bool:
+        """Cog's health check (every GET /health-check once setup succeeded): True, or Unhealthy saying why."""
+        return await self.health.check()
 
     # Input declarations use literal values only: `cog build` reads them from this file's text, not by
     # running it. tests/test_schema.py checks they agree with flashsd.request.
@@ -142,6 +155,8 @@ class Predictor(BasePredictor):
             default=1.0,
         ),
     ) -> List[Path]:
+        if self.engine.fault.error is not None:  # the GPU failed: every prediction would; say so at once
+            raise self.engine.fault.failure()
         # coglet leaves the input copies of a request it rejected after downloading part of them; remove them.
         sweep_input_copies(keep=(image, mask), older_than_s=self.stale_input_s)
         request = await asyncio.to_thread(  # it decodes the images: off the event loop
@@ -167,11 +182,17 @@ class Predictor(BasePredictor):
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
         )
-        generated = await self.batcher.submit(request)  # alone, or in one call with compatible predictions
+        served = await self.batcher.serve(request)  # alone, or in one call with compatible predictions
         folder = self.outputs.fresh()
+        encoding = time.perf_counter()
         try:
-            paths = await asyncio.to_thread(write_outputs, generated, request, self.model, folder)
+            paths = await asyncio.to_thread(write_outputs, served.result, request, self.model, folder)
         except BaseException:  # failed or cancelled while writing: no partial files left behind
             self.outputs.discard(folder)
             raise
+        measured = prediction_metrics(
+            served.result.call, len(paths), served.queued_s, served.run_s, time.perf_counter() - encoding
+        )
+        for key, value in measured.items():
+            self.record_metric(key, value)
         return [Path(path) for path in paths]

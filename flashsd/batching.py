@@ -15,6 +15,10 @@ was cancelled is told to stop. A failure of a shared call (out of memory, say) r
 that one big request cannot fail the others. Any failure while choosing or running a batch fails the predictions
 involved, never the thread; if the thread is ever closed, waiting and later predictions fail at once.
 
+What a prediction waited for is kept: `serve` returns its result with the seconds it spent queued and running (the
+per-prediction metrics), and `ModelThread.busy` says whether the thread has work, so that the health check's device
+probe never queues behind a prediction.
+
 The batcher knows nothing of diffusers or Cog: `run` is any function of a list of jobs that returns one result per
 job (an exception instance fails that job alone).
 """
@@ -27,6 +31,7 @@ import concurrent.futures
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +53,8 @@ class ModelThread:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.ident: int | None = None  # the thread's id, once it has run something
         self.closed: str | None = None  # why it stopped taking work, once it has
+        self._lock = threading.Lock()
+        self._pending = 0  # tasks handed to the thread and not finished
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> concurrent.futures.Future:
         """Queue `fn(*args, **kwargs)` in a copy of the caller's context (Cog routes log lines by it)."""
@@ -57,14 +64,26 @@ class ModelThread:
         """Queue `fn(*args)` in an empty context: what it logs belongs to no prediction unless it says so."""
         return self._submit(contextvars.Context(), fn, args, {})
 
-    def _submit(self, context: contextvars.Context, fn: Callable, args, kwargs) -> concurrent.futures.Future:
+    def _submit(
+        self, context: contextvars.Context, fn: Callable, args, kwargs, only_if_idle: bool = False
+    ) -> concurrent.futures.Future | None:
         if self.closed is not None:
             raise WorkerStopped(self.closed)
-        try:
-            return self._executor.submit(self._in, context, fn, args, kwargs)
-        except RuntimeError as error:  # shut down (interpreter exit)
-            self.closed = self.closed or f"the model's thread was shut down ({error})"
-            raise WorkerStopped(self.closed) from None
+        with self._lock:  # the idle test and the hand-over are one step: nothing slips in between
+            if only_if_idle and self._pending:
+                return None
+            try:
+                future = self._executor.submit(self._in, context, fn, args, kwargs)
+            except RuntimeError as error:  # shut down (interpreter exit)
+                self.closed = self.closed or f"the model's thread was shut down ({error})"
+                raise WorkerStopped(self.closed) from None
+            self._pending += 1
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def _in(self, context: contextvars.Context, fn: Callable, args, kwargs):
         self.ident = threading.get_ident()
@@ -80,9 +99,23 @@ class ModelThread:
         """`fn(*args, **kwargs)` on the model's thread, awaited."""
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
+    async def run_if_idle(self, fn: Callable[[], Any]) -> bool:
+        """`fn()` on the model's thread, awaited, only if the thread has nothing else to do (so it waits for
+        nothing, and nothing waits long for it); returns whether it ran."""
+        future = self._submit(contextvars.Context(), fn, (), {}, only_if_idle=True)
+        if future is None:
+            return False
+        await asyncio.wrap_future(future)
+        return True
+
     @property
     def alive(self) -> bool:
         return self.closed is None
+
+    @property
+    def busy(self) -> bool:
+        """Whether the thread is running or has queued work (a prediction, setup, anything handed to it)."""
+        return self._pending > 0
 
     def close(self, reason: str = "the model's thread was closed") -> None:
         """Stop taking work (what is queued still runs: callers waiting on it are answered)."""
@@ -100,6 +133,9 @@ class Job:
     future: asyncio.Future = field(repr=False)
     key: Hashable | None = None  # set on the model's thread, when a batch is chosen
     cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when its first call started (on the model's thread)
+    done_at: float | None = None  # when its result was ready
 
     def say(self, level: int, message: str, *args) -> None:
         """Log a line as this job's own (Cog routes log lines by the prediction's context)."""
@@ -121,6 +157,15 @@ class Job:
             loop.call_soon_threadsafe(answer)
         except RuntimeError:  # its event loop is closed: nobody waits any more
             pass
+
+
+@dataclass(frozen=True)
+class Served:
+    """A prediction's result and where its time went (Batcher.serve)."""
+
+    result: Any
+    queued_s: float  # from its submission to the start of its call on the model's thread
+    run_s: float  # from there to its result (a shared call that failed and its retry alone included)
 
 
 class Batcher:
@@ -145,6 +190,10 @@ class Batcher:
 
     async def submit(self, payload) -> Any:
         """The result of `payload`, run alone or with compatible others. Cancelling the awaiting task drops it."""
+        return (await self.serve(payload)).result
+
+    async def serve(self, payload) -> Served:
+        """`submit`, with the seconds the prediction spent queued and running."""
         job = Job(
             payload, self._images(payload), contextvars.copy_context(), asyncio.get_running_loop().create_future()
         )
@@ -158,10 +207,11 @@ class Batcher:
             raise
         drain.add_done_callback(self._after_drain)
         try:
-            return await job.future
+            result = await job.future
         except asyncio.CancelledError:
             job.cancelled = True  # queued: never runs; running: its result is dropped
             raise
+        return Served(result, job.started_at - job.queued_at, job.done_at - job.started_at)
 
     def _after_drain(self, drain: concurrent.futures.Future) -> None:
         """A drain that never ran (the thread was shut down with it queued) fails every job still waiting."""
@@ -189,9 +239,11 @@ class Batcher:
                 log.error("A batch ended with %r", error)
                 error = RuntimeError(f"The model's call ended with {error!r}; the next prediction runs normally.")
             outcomes = [(None, error)] * len(batch)
+        done = time.perf_counter()
         for job, (result, error) in zip(batch, outcomes):
             if isinstance(result, BaseException):  # `run` may fail one job of a batch and not the others
                 result, error = None, result
+            job.done_at = done
             job.settle(result, error)
 
     def _next_batch(self) -> list[Job]:
@@ -239,6 +291,9 @@ class Batcher:
     def _run_isolated(self, batch: list[Job]) -> list[tuple[Any, BaseException | None]]:
         """(result, error) per job. A shared call that fails is retried one job at a time; what is no Exception
         (a cancellation delivered into the call) ends the whole batch."""
+        started = time.perf_counter()
+        for job in batch:
+            job.started_at = started
         try:
             return [(result, None) for result in self._run(batch)]
         except Exception as error:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import adapter, errors, health, logs, loras, speed
+from .metrics import CallStats, StageClock
 from .models import FlashModel
 from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
@@ -37,6 +38,15 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     loras: tuple[loras.AppliedLora, ...] = ()  # the style LoRAs fused when it was made (for its metadata)
+
+
+class Generation(list):
+    """The images of one request (GeneratedImage: those the safety checker kept), and `call`: how the pipeline call
+    that made them went (shared with the other requests of its batch; flashsd.metrics)."""
+
+    def __init__(self, images=(), call: CallStats | None = None):
+        super().__init__(images)
+        self.call = call
 
 
 def _load_scheduler(model: FlashModel, base: Path):
@@ -248,7 +258,7 @@ class Engine:
                 del arguments["width"], arguments["height"]
         return arguments
 
-    def generate(self, request: GenerationRequest, stop: Callable[[], bool] | None = None) -> list[GeneratedImage]:
+    def generate(self, request: GenerationRequest, stop: Callable[[], bool] | None = None) -> Generation:
         """The images of `request` alone (a batch of one through generate_batch); its failure is raised."""
         result = self.generate_batch([request], stop=stop)[0]
         if isinstance(result, Exception):
@@ -260,7 +270,7 @@ class Engine:
         requests: Sequence[GenerationRequest],
         says: Sequence[logs.Say] | None = None,
         stop: Callable[[], bool] | None = None,
-    ) -> list[list[GeneratedImage] | Exception]:
+    ) -> list[Generation | Exception]:
         """Requests of one batch_key as one pipeline call (a single prediction is a batch of one). Each keeps its own
         generators (so its images equal those it gets alone), seeds, safety verdicts and log lines (`says[i]` logs as
         request i's; default: the flashsd logger); a request whose every image is flagged gets its ImagesFlagged,
@@ -268,21 +278,31 @@ class Engine:
 
         A failure of the call is raised (the batcher retries a shared call's requests one by one). Out of memory
         becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or cancellation the
-        engine's modules are restored, so the worker, which Cog never restarts, carries on."""
+        engine's modules are restored, so the worker, which Cog never restarts, carries on. After a fatal device
+        error (flashsd.health) every call fails at once with DeviceFailed, touching nothing."""
+        if self.fault.error is not None:
+            raise self.fault.failure()
         says = list(says or [log.log] * len(requests))
         first = requests[0]
         for request, say in zip(requests, says):
             self._announce(request, say, others=len(requests) - 1)
+        lora_started = time.perf_counter()
         applied = self.apply_loras(first, stop)
+        lora_s = time.perf_counter() - lora_started
         pipe = self.pipeline_for(first.mode)
-        arguments = self.pipeline_arguments(*requests)
-        progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
-        noise_source = getattr(pipe.scheduler, "noise_generators", None)
-        with PredictionGuard(self.modules(), first, self.runtime.device, self.fault):
-            with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
-                with self._stoppable_inside_steps(stop):
-                    images = pipe(**arguments, **progress).images
-        results: list[list[GeneratedImage] | Exception] = []
+        with StageClock(pipe, self.model.denoiser, self.runtime.device) as clock:
+            arguments = self.pipeline_arguments(*requests)
+            progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
+            noise_source = getattr(pipe.scheduler, "noise_generators", None)
+            with PredictionGuard(self.modules(), first, self.runtime.device, self.fault):
+                with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
+                    with self._stoppable_inside_steps(stop):
+                        images = pipe(**arguments, **progress).images
+        call = CallStats(
+            len(requests), len(images), lora_s, clock.encode_prompt_s, clock.denoise_s,
+            lora_cache_hit=self.loras.downloads == 0 if first.loras else None,
+        )  # fmt: skip
+        results: list[Generation | Exception] = []
         for index, (request, say) in enumerate(zip(requests, says)):
             mine = images[index * first.num_outputs : (index + 1) * first.num_outputs]
             if request.mask is not None:
@@ -290,7 +310,7 @@ class Engine:
                 mine = [Image.composite(image, request.image, request.mask) for image in mine]
             generated = [GeneratedImage(image, seed, applied) for image, seed in zip(mine, request.seeds)]
             try:
-                results.append(self._screen(generated, request, say))
+                results.append(Generation(self._screen(generated, request, say), call))
             except ImagesFlagged as flagged:
                 results.append(flagged)
         return results

@@ -118,7 +118,8 @@ class HealthCheck:
     """The predictor's `healthcheck()`: `await check()` returns True, or raises Unhealthy saying why.
 
     `worker_alive()` / `worker_busy()`: the model thread's state. `run_on_worker(fn)`: awaits `fn()` run on the model
-    thread (None: no device to probe, e.g. the CPU)."""
+    thread, or skips it if the thread took other work since (batching.ModelThread.run_if_idle: a probe never waits
+    behind a prediction, which exercises the device itself); None: no device to probe."""
 
     def __init__(
         self,

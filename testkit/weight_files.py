@@ -36,3 +36,14 @@ def adapter_file(root: Path, key: str) -> Path:
 def truncate(path: Path) -> None:
     """Cut the file to half its length, as an interrupted copy leaves it."""
     os.truncate(path, path.stat().st_size // 2)
+
+
+def link_model(src: Path, dst: Path, key: str) -> Path:
+    """A weights root `dst` of its own (a LoRA cache, say, goes under it) whose model `key` repo folders are those
+    of `src`, linked; returns `dst`."""
+    for repo in MODELS[key].repos:
+        link = repo_dir(dst, repo)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(repo_dir(src, repo), target_is_directory=True)
+    return dst

@@ -69,6 +69,7 @@ class StyleLoras:
         self._fused: tuple = ()  # (source key, scale) of each fused LoRA
         self.applied: tuple[AppliedLora, ...] = ()
         self.timings: dict[str, float] = {}  # seconds of each step of the last change (load, originals, fuse, unload)
+        self.downloads = 0  # LoRA files the last apply() downloaded (0: each came from a cache, or was fused already)
 
     def components(self) -> dict[str, torch.nn.Module]:
         """The modules LoRA layers may target, by the component names of flashsd.adapter's parser."""
@@ -85,6 +86,7 @@ class StyleLoras:
         prediction was cancelled) ends a download between chunks, or the load before fusing, with Stopped,
         the model restored."""
         key = tuple((lora.source.key, lora.scale) for lora in wanted)
+        self.downloads = 0
         if key == self._fused:
             if wanted:
                 log.info("Style LoRA(s) %s: already fused (as in the last prediction), nothing to load",
@@ -156,6 +158,7 @@ class StyleLoras:
             log.info("LoRA %s: state dict in memory (cache hit)", ready.name)
         else:
             cached = self.disk.fetch(source, lora.input, keep=keep, stop=stop)
+            self.downloads += cached.downloaded
             if not cached.downloaded:
                 log.info(
                     "LoRA %s: file cached on disk (cache hit), %s", cached.name, tqdm.format_sizeof(cached.size, "B")
@@ -164,6 +167,7 @@ class StyleLoras:
                 header = read_header(cached.path, lora.input, source.shown)
             except FileNotFoundError:  # evicted by another process since the lookup: fetch it again
                 cached = self.disk.fetch(source, lora.input, keep=keep, stop=stop)
+                self.downloads += cached.downloaded
                 header = read_header(cached.path, lora.input, source.shown)
             ready = Loaded(cached.path, header, cached.name, cached.hash, cached.size)
         expected = self.check(lora, ready)
