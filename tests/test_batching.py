@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import time
 
 import pytest
 
@@ -182,3 +183,57 @@ def test_each_request_logs_in_its_own_context(caplog):
         caplog.handler.removeFilter(handler_filter)
     lines = {(r.getMessage(), r.who) for r in caplog.records if r.getMessage().startswith("ran ")}
     assert lines == {("ran first", "first"), ("ran b", "b"), ("ran c", "c")}
+
+
+def test_each_prediction_learns_how_long_it_was_queued_and_how_long_its_call_ran():
+    class Timed(Work):
+        def __call__(self, jobs):
+            time.sleep(0.2)  # each call runs 0.2 s, the first one longer (held until released)
+            return super().__call__(jobs)
+
+    work = Timed(hold_first=True)
+
+    async def main():
+        b = batcher(work)
+        first = asyncio.create_task(b.serve(p("first")))
+        await asyncio.to_thread(work.started.wait, 5)
+        queued = [asyncio.create_task(b.serve(payload)) for payload in (p("b"), p("c"))]
+        await asyncio.sleep(0.5)  # they queue behind the first call, which is held
+        work.release.set()
+        return await first, await asyncio.gather(*queued)
+
+    first, queued = asyncio.run(main())
+    assert first.result == "image of first" and [s.result for s in queued] == ["image of b", "image of c"]
+    assert first.queued_s < 0.1 and first.run_s >= 0.2 + 0.5  # started at once; ran while held, and its 0.2 s
+    for served in queued:
+        assert 0.5 <= served.queued_s < first.run_s + 0.1  # waited behind the first call, not longer
+        assert 0.2 <= served.run_s < 0.5  # their one shared call
+    assert queued[0].run_s == queued[1].run_s  # one call: the same time
+
+
+def test_predictions_retried_alone_after_a_failed_shared_call_count_the_failed_call_and_the_retries():
+    def fail_shared(jobs):
+        if len(jobs) > 1:
+            raise MemoryError("shared call too large")
+
+    class Timed(Work):
+        def __call__(self, jobs):
+            time.sleep(0.2)
+            return super().__call__(jobs)
+
+    work = Timed(hold_first=True, fail=fail_shared)
+
+    async def main():
+        b = batcher(work)
+        first = asyncio.create_task(b.serve(p("first")))
+        await asyncio.to_thread(work.started.wait, 5)
+        queued = [asyncio.create_task(b.serve(payload)) for payload in (p("b"), p("c"))]
+        await asyncio.sleep(0.05)
+        work.release.set()
+        await first
+        return await asyncio.gather(*queued)
+
+    b1, c1 = asyncio.run(main())
+    assert [len(batch) for batch in work.batches] == [1, 2, 1, 1]
+    # The failed shared call, then each one's retry: the batch's members are answered together, after the last.
+    assert b1.run_s == c1.run_s and 0.6 <= b1.run_s < 0.8

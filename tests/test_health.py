@@ -119,8 +119,9 @@ def test_a_fatal_device_error_fails_the_prediction_saying_so_and_the_health_chec
         handle.remove()
     with pytest.raises(Unhealthy, match="the GPU reported a fatal error .*illegal memory access.*every later"):
         check(health)
-    # It stays unhealthy: the context stays poisoned whatever comes next.
-    engine.generate(request())
+    # It stays so: the context stays poisoned whatever comes next, and every later call fails at once.
+    with pytest.raises(DeviceFailed):
+        engine.generate(request())
     with pytest.raises(Unhealthy):
         check(health)
 
@@ -191,3 +192,41 @@ def test_a_device_that_does_not_answer_in_time_is_unhealthy():
 
 def test_the_probe_touches_nothing_on_the_cpu():
     assert probe_device(torch.device("cpu")) is None
+
+
+def test_after_a_fatal_error_in_a_shared_call_no_retry_and_no_later_prediction_touches_the_device(engines, monkeypatch):
+    from flashsd.batching import ModelThread, engine_batcher
+
+    engine = engines("sd15")
+    monkeypatch.setattr(engine, "fault", DeviceFault())
+    calls = {"n": 0}
+
+    def count(module, args):
+        calls["n"] += 1
+
+    counting = engine.pipe.unet.register_forward_pre_hook(count)
+    failing = failing_denoiser(engine, torch.AcceleratorError(ILLEGAL_ACCESS))
+    thread = ModelThread()
+    batcher = engine_batcher(engine, thread)
+    held = threading.Event()
+
+    async def main():
+        holding = thread.submit(held.wait, 10)  # the thread is busy: the next two queue and share one call
+        shared = [asyncio.create_task(batcher.submit(request(prompt=p, seed=s))) for p, s in (("a", 1), ("b", 2))]
+        await asyncio.sleep(0.1)
+        held.set()
+        await asyncio.wrap_future(holding)
+        results = await asyncio.gather(*shared, return_exceptions=True)
+        later = await asyncio.gather(batcher.submit(request(prompt="c")), return_exceptions=True)
+        return results, later[0]
+
+    try:
+        (first, second), later = asyncio.run(main())
+    finally:
+        failing.remove()
+        counting.remove()
+        thread.close()
+    assert list(batcher.batches)[0] == 2  # they did share the call
+    for result in (first, second, later):
+        assert isinstance(result, DeviceFailed) and "illegal memory access" in str(result)
+    assert calls["n"] == 2  # the shared call's two denoiser calls; the retries and the later one failed at once

@@ -263,3 +263,58 @@ def test_cancel_checks_sit_on_a_few_top_level_blocks_of_the_real_denoisers(key, 
         any(site is block for site in sites) for name in blocks for block in getattr(denoiser, name)
     )  # every block of the top-level lists is checked
     assert len(sites) <= most and len(sites) * 5 < everywhere, (len(sites), everywhere)
+
+
+def test_the_thread_is_busy_while_it_has_work_and_a_probe_runs_only_when_it_is_idle():
+    thread = ModelThread()
+    release = threading.Event()
+    ran = []
+
+    async def main():
+        assert not thread.busy and await thread.run_if_idle(lambda: ran.append(threading.get_ident()))
+        running = thread.submit(release.wait, 10)
+        queued = thread.submit(lambda: None)
+        busy_while_running = thread.busy
+        skipped = await asyncio.wait_for(thread.run_if_idle(lambda: ran.append("while busy")), 1)
+        release.set()
+        await asyncio.wrap_future(running)
+        await asyncio.wrap_future(queued)
+        await asyncio.sleep(0.05)  # the done callbacks
+        return busy_while_running, skipped
+
+    busy_while_running, skipped = asyncio.run(main())
+    assert busy_while_running and skipped is False
+    assert ran == [thread.ident] and thread.ident != threading.get_ident()  # on the model's thread, once
+    assert not thread.busy
+    thread.close()
+
+
+def test_the_health_check_does_not_wait_behind_a_long_prediction():
+    from flashsd.health import DeviceFault, HealthCheck
+
+    thread = ModelThread()
+    release = threading.Event()
+    probes = []
+
+    def probe():
+        probes.append(threading.get_ident())
+
+    health = HealthCheck(
+        DeviceFault(), worker_alive=lambda: thread.alive, worker_busy=lambda: False,  # a busy signal gone stale
+        run_on_worker=lambda fn: thread.run_if_idle(lambda: (probe(), fn())), device=torch.device("cpu"),
+        probe_timeout_s=0.5,
+    )  # fmt: skip
+
+    async def main():
+        running = thread.submit(release.wait, 10)  # a prediction that runs for seconds
+        started = time.monotonic()
+        healthy = await health.check()
+        waited = time.monotonic() - started
+        release.set()
+        await asyncio.wrap_future(running)
+        return healthy, waited, await health.check()
+
+    healthy, waited, idle = asyncio.run(main())
+    assert healthy is True and waited < 0.5 and idle is True
+    assert probes == [thread.ident]  # skipped while the prediction ran, then run on the model's thread
+    thread.close()

@@ -1,0 +1,95 @@
+"""Where a call's time goes, in process: the stage clock's prompt encoding covers flashsd's own encoding (A1111
+weights, long prompts) as much as the pipeline's, the denoising loop is timed apart from it, and the clock leaves no
+hook behind, even when the call fails. (The metrics as the server reports them: tests/test_metrics_http.py.)"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from flashsd.models import MODELS
+from flashsd.request import build_request
+
+# Waits that tell the stages apart: each stage's own work on the tiny model (up to ~1.5 s for the denoiser on a busy
+# 2-core machine) stays below the other stage's wait.
+ENCODER_WAIT_S = 2.0
+DENOISER_WAIT_S = 0.25
+
+
+def request(prompt: str, **inputs):
+    return build_request(MODELS["sd15"], **{"prompt": prompt, "aspect_ratio": "custom", "width": 64, "height": 64,
+                                            "seed": 1, "disable_safety_checker": True, **inputs})  # fmt: skip
+
+
+def hook_count(engine) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks)
+        for component in engine.pipe.components.values() if isinstance(component, torch.nn.Module)
+        for m in component.modules()
+    )  # fmt: skip
+
+
+class SlowModule:
+    """A forward hook making `module` wait `seconds` after each forward (registered before the clock's own, so inside
+    its window, as a slow kernel would be); counts the forwards."""
+
+    def __init__(self, module, seconds: float):
+        self.calls, self.seconds = 0, seconds
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        time.sleep(self.seconds)
+
+    @property
+    def waited(self) -> float:
+        return self.calls * self.seconds
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a lighthouse on a cliff, number {n}", "a (lighthouse:1.4) on a [cliff], number {n}"],
+    ids=["plain-the-pipeline-encodes", "weighted-flashsd-encodes"],
+)
+def test_prompt_encoding_and_denoising_are_each_timed_apart(engines, prompt):
+    engine = engines("sd15")
+    before = hook_count(engine)
+    encoder = SlowModule(engine.pipe.text_encoder, ENCODER_WAIT_S)
+    denoiser = SlowModule(engine.pipe.unet, DENOISER_WAIT_S)
+    try:
+        generation = engine.generate(request(prompt.format(n=time.monotonic_ns())))  # a new text: nothing reused
+    finally:
+        encoder.handle.remove()
+        denoiser.handle.remove()
+    call = generation.call
+    assert encoder.calls >= 1 and denoiser.calls == 4
+    # Each stage holds its own waits and not the other's.
+    assert encoder.waited <= call.encode_prompt_s < encoder.waited + denoiser.waited
+    assert denoiser.waited <= call.denoise_s < denoiser.waited + encoder.waited
+    assert (call.predictions, call.images, call.lora_cache_hit) == (1, 1, None)
+    assert hook_count(engine) == before  # the clock's hooks are gone
+
+
+def test_the_clock_leaves_no_hook_behind_when_the_call_fails(engines):
+    engine = engines("sd15")
+    before = hook_count(engine)
+
+    def fail(module, args):
+        raise ValueError("a bug in the second step")
+
+    calls = {"n": 0}
+
+    def fail_second(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            fail(module, args)
+
+    handle = engine.pipe.unet.register_forward_pre_hook(fail_second)
+    try:
+        with pytest.raises(ValueError, match="second step"):
+            engine.generate(request("a harbour"))
+    finally:
+        handle.remove()
+    assert hook_count(engine) == before
