@@ -45,9 +45,9 @@ class CallStats:
 class StageClock:
     """`with StageClock(pipe, denoiser_name, device) as clock:` the seconds the block spends in the text encoders
     (`encode_prompt_s`: every forward of every text encoder, flashsd's own for A1111 weights and long prompts as much
-    as the pipeline's) and denoising (`denoise_s`: from the start of the denoiser's first call to the end of its last).
-    On CUDA each mark synchronizes first, so that a stage is timed by its kernels, not by their launch: a few
-    synchronizations per call, where the GPU waits only for the launch of the next kernel."""
+    as the pipeline's) and denoising (`denoise_s`: from the start of the denoiser's first call to the end of its last),
+    read once the block has ended. On CUDA the marks are events recorded in the stream, so that a stage is timed by
+    its kernels, not by their launch, and nothing waits for the GPU (no synchronization); on the CPU, the clock."""
 
     def __init__(self, pipe, denoiser: str, device: torch.device):
         self.text_encoders = [
@@ -56,37 +56,45 @@ class StageClock:
         ]  # fmt: skip
         self.denoiser = getattr(pipe, denoiser)
         self.device = device
-        self.encode_prompt_s = 0.0
-        self._encoding_since: float | None = None
-        self._denoise_start: float | None = None
-        self._denoise_end: float | None = None
+        self._encodings: list[list] = []  # [start, end] marks of each text-encoder forward
+        self._denoising: list = []  # [start, end] marks: the first call's start, the last call's end
         self._handles: list = []
 
     @property
-    def denoise_s(self) -> float:
-        if self._denoise_start is None or self._denoise_end is None:
-            return 0.0
-        return self._denoise_end - self._denoise_start
+    def encode_prompt_s(self) -> float:
+        return sum(self._seconds(*marks) for marks in self._encodings if len(marks) == 2)
 
-    def _now(self) -> float:
+    @property
+    def denoise_s(self) -> float:
+        return self._seconds(*self._denoising) if len(self._denoising) == 2 else 0.0
+
+    def _mark(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return time.perf_counter()
 
+    @staticmethod
+    def _seconds(start, end) -> float:
+        if isinstance(start, float):
+            return end - start
+        end.synchronize()  # done already once the pipeline has returned its images
+        return start.elapsed_time(end) / 1000
+
     def _encoder_starts(self, module, args) -> None:
-        self._encoding_since = self._now()
+        self._encodings.append([self._mark()])
 
     def _encoder_ends(self, module, args, output) -> None:
-        if self._encoding_since is not None:
-            self.encode_prompt_s += self._now() - self._encoding_since
-            self._encoding_since = None
+        if self._encodings and len(self._encodings[-1]) == 1:
+            self._encodings[-1].append(self._mark())
 
     def _denoiser_starts(self, module, args) -> None:
-        if self._denoise_start is None:
-            self._denoise_start = self._now()
+        if not self._denoising:
+            self._denoising.append(self._mark())
 
     def _denoiser_ends(self, module, args, output) -> None:
-        self._denoise_end = self._now()
+        self._denoising[1:] = [self._mark()]
 
     def __enter__(self) -> StageClock:
         for encoder in self.text_encoders:

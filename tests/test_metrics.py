@@ -1,6 +1,7 @@
 """Where a call's time goes, in process: the stage clock's prompt encoding covers flashsd's own encoding (A1111
-weights, long prompts) as much as the pipeline's, the denoising loop is timed apart from it, and the clock leaves no
-hook behind, even when the call fails. (The metrics as the server reports them: tests/test_metrics_http.py.)"""
+weights, long prompts) as much as the pipeline's, the denoising loop is timed apart from it, the clock leaves no
+hook behind, even when the call fails, and on CUDA it times by events without making the CPU wait for the GPU.
+(The metrics as the server reports them: tests/test_metrics_http.py.)"""
 
 from __future__ import annotations
 
@@ -93,3 +94,45 @@ def test_the_clock_leaves_no_hook_behind_when_the_call_fails(engines):
     finally:
         handle.remove()
     assert hook_count(engine) == before
+
+
+def test_on_cuda_the_stages_are_timed_by_events_in_the_stream_and_nothing_waits_for_the_gpu(monkeypatch):
+    from flashsd.metrics import StageClock
+
+    recorded = []
+
+    class Event:
+        """torch.cuda.Event's interface: record() in the current stream, synchronize(), elapsed_time(end) in ms."""
+
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+            self.at, self.done = None, False
+
+        def record(self, stream=None):
+            self.at = time.perf_counter()
+            recorded.append(self)
+
+        def synchronize(self):
+            self.done = True
+
+        def elapsed_time(self, end) -> float:
+            assert self.at is not None and end.done, "read before the end event completed"
+            return (end.at - self.at) * 1000
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: pytest.fail("the clock made the CPU wait"))
+
+    class Pipe:
+        def __init__(self):
+            self.text_encoder, self.unet = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+            self.components = {"text_encoder": self.text_encoder, "unet": self.unet, "scheduler": object()}
+
+    pipe, x = Pipe(), torch.zeros(1, 2)
+    encoder, denoiser = SlowModule(pipe.text_encoder, 0.2), SlowModule(pipe.unet, 0.1)
+    with StageClock(pipe, "unet", torch.device("cuda")) as clock:
+        pipe.text_encoder(x)
+        for _ in range(3):
+            pipe.unet(x)
+    assert len(recorded) == 2 + 1 + 3  # the encoder's start and end; the denoiser's first start and each end
+    assert encoder.waited <= clock.encode_prompt_s < encoder.waited + 0.05
+    assert denoiser.waited <= clock.denoise_s < denoiser.waited + 0.05
