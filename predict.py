@@ -9,7 +9,7 @@ only awaits (decoding inputs and encoding outputs, which touch no model, run in 
 
 import asyncio
 import logging
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from cog import BasePredictor, Input, Path, concurrent
 
@@ -18,6 +18,7 @@ from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tem
 from flashsd.download import ensure_weights
 from flashsd.engine import Engine
 from flashsd.images import write_outputs
+from flashsd.loras.trained import apply_trained_lora, fetch_trained_lora
 from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.runtime import select_runtime
@@ -25,17 +26,23 @@ from flashsd.settings import Settings
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
-        """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler."""
+    def setup(self, weights: Optional[Union[Path, str]] = None) -> None:
+        """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler. `weights` (Cog's
+        COG_WEIGHTS: a URL or a path) is the output of a training when this model version was made from one."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         use_private_tempdir()  # in the Cog worker: input copies and outputs in a folder of its own (see predict)
         settings = Settings.from_environ()  # every setting read and checked once: a bad one fails setup here
         runtime = select_runtime(settings.device)  # FLASHSD_DEVICE=cuda without a usable GPU fails before any download
         self.model = MODELS[settings.model]
+        # A training's tar: its LoRA is every prediction's lora_weights unless it names its own. Fetched and checked
+        # against the model here, before the model loads; fused once it is loaded (flashsd.loras.trained).
+        self.trained = fetch_trained_lora(weights, self.model, settings.weights_root, settings.loras)
         ensure_weights(self.model, settings.weights_root)
         # One thread owns the model from its load on: every torch and tokenizer call runs there (flashsd.batching).
         thread = ModelThread()
         self.engine = thread.call(Engine.load, self.model, settings.weights_root, runtime, settings)
+        if self.trained is not None:
+            thread.call(apply_trained_lora, self.engine.loras, self.trained)
         self.batcher = engine_batcher(self.engine, thread)
         in_flight = settings.max_concurrency
         self.outputs = OutputFolders(keep=in_flight)  # the folders of predictions still being delivered
@@ -122,11 +129,11 @@ class Predictor(BasePredictor):
             default=False,
         ),
         lora_weights: str = Input(
-            description="A style LoRA trained for the base model (SDXL, SD1.5 or SD3; not PixArt), applied at Flash speed: the URL of a .safetensors file (CivitAI download links included), a Hugging Face repo as owner/name (its single .safetensors file) or owner/name/file.safetensors. Downloaded once, then cached.",
+            description="A style LoRA trained for the base model (SDXL, SD1.5 or SD3; not PixArt), applied at Flash speed: the URL of a .safetensors file (CivitAI download links included), a Hugging Face repo as owner/name (its single .safetensors file) or owner/name/file.safetensors. Downloaded once, then cached. Empty on a model made from a training: that training's LoRA.",
             default="",
         ),
         lora_scale: float = Input(
-            description="Strength of lora_weights: 1 as trained, 0 off, negative to push away from its style. Distilled models can weaken a style: try values above 1.",
+            description="Strength of lora_weights (or of the trained LoRA it stands for): 1 as trained, 0 off, negative to push away from its style. Distilled models can weaken a style: try values above 1.",
             ge=-1,
             le=3,
             default=1.0,
@@ -166,6 +173,7 @@ class Predictor(BasePredictor):
             lora_scale=lora_scale,
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
+            default_lora=self.trained,
         )
         generated = await self.batcher.submit(request)  # alone, or in one call with compatible predictions
         folder = self.outputs.fresh()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .input_images import fit_image, fit_mask, load_image, load_mask, repainted_fraction
-from .loras.sources import StyleLora, parse_lora_source
+from .loras.sources import StyleLora, TrainedLora, parse_lora_source
 from .models import MODELS, FlashModel, lora_models
 
 if TYPE_CHECKING:
@@ -194,10 +194,13 @@ def build_request(
     lora_scale: float = 1.0,
     extra_lora: str | None = "",
     extra_lora_scale: float = 1.0,
+    default_lora: TrainedLora | None = None,
 ) -> GenerationRequest:
     """Validate everything the user sent; the first problem found is raised as InputError.
 
     `image` and `mask` are paths (or PIL images): `image` alone is image-to-image, both are inpainting.
+    `default_lora`: what an empty `lora_weights` stands for (at `lora_scale`): the LoRA of the training a model version
+    was made from (flashsd.loras.trained).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is empty: describe the image to generate.")
@@ -266,7 +269,7 @@ def build_request(
     if not isinstance(disable_safety_checker, bool):
         raise InputError(f"disable_safety_checker must be true or false, got {disable_safety_checker!r}.")
     loras = style_loras(model, (("lora_weights", lora_weights, "lora_scale", lora_scale),
-                                ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale)))  # fmt: skip
+                                ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale)), default_lora)  # fmt: skip
 
     fitted = fitted_mask = None
     if source is not None:
@@ -303,13 +306,15 @@ def build_request(
     )
 
 
-def style_loras(model: FlashModel, inputs) -> tuple[StyleLora, ...]:
+def style_loras(model: FlashModel, inputs, default: TrainedLora | None = None) -> tuple[StyleLora, ...]:
     """The style LoRAs of (input, source, scale input, scale) rows: an empty source is no LoRA (its scale is still
-    checked, as Cog always sends one)."""
+    checked, as Cog always sends one), but for the first row, which `default` then stands in for."""
     found = []
-    for name, source, scale_name, scale in inputs:
+    for row, (name, source, scale_name, scale) in enumerate(inputs):
         scale = _in_range(scale_name, scale, MIN_LORA_SCALE, MAX_LORA_SCALE, float)
         if source is None or (isinstance(source, str) and not source.strip()):
+            if row == 0 and default is not None:
+                found.append(default.at(scale))
             continue
         if not isinstance(source, str):
             raise InputError(f"{name} must be text (a URL or a Hugging Face repo), got {type(source).__name__}.")
