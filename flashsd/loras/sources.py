@@ -71,7 +71,7 @@ class TrainedLora:
     name: str
     trigger_word: str | None = None  # from the training's training.json, when it has one
     example_prompt: str | None = None
-    trained_on: str | None = None  # the base model's title
+    trained_on: str | None = None  # the base model's repo
 
     def at(self, scale: float) -> StyleLora:
         return StyleLora(TRAINED_INPUT, self.source, scale)

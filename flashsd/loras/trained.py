@@ -95,7 +95,7 @@ def fetch_trained_lora(weights, model: FlashModel, root: Path, settings: LoraSet
         value = record.get(name)
         return value if isinstance(value, str) and value.strip() else None
 
-    return TrainedLora(source, cached.name, text("trigger_word"), text("example_prompt"), base.get("title"))
+    return TrainedLora(source, cached.name, text("trigger_word"), text("example_prompt"), base.get("repo"))
 
 
 def apply_trained_lora(loras: StyleLoras, trained: TrainedLora) -> None:
