@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import predict
+from flashsd.__main__ import main
 from flashsd.engine import Engine
 from flashsd.loras import LoraError
 from flashsd.loras.cache import DiskCache
@@ -135,6 +136,17 @@ def test_setup_fetches_the_tar_from_a_url_once_then_finds_it_in_the_cache(from_p
     again = fetch_trained_lora(files.tar_url, MODELS["sd15"], tiny_weights, LoraSettings())
     assert again.trigger_word == "sks"  # the record comes back from the cache too
     assert files.gets("/trainings/abc/trained_model.tar") == max(gets, 1)
+
+
+def test_the_command_line_applies_a_trained_tar_as_a_model_made_from_the_training_does(
+    from_path, trained_tar, tiny_weights, tmp_path
+):
+    inputs = [f"prompt={PROMPT}", "output_format=png"] + [f"{k}={str(v).lower()}" for k, v in IMAGE.items()]
+    arguments = ["--model", "sd15", "--weights", str(tiny_weights), "--trained-weights", str(trained_tar)]
+    assert main(["predict", *arguments, "--output-dir", str(tmp_path), *(f"--input={i}" for i in inputs)]) == 0
+    (written,) = tmp_path.glob("*.png")
+    with Image.open(written) as opened:
+        assert max_difference(opened, image(from_path)) == 0
 
 
 def test_the_trained_loras_file_is_never_evicted_from_the_cache(from_path, tmp_path):
