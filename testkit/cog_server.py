@@ -39,9 +39,10 @@ def decode_data_url(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(payload)))
 
 
-def tiny_server(weights: Path, model: str, folder: Path) -> CogServer:
-    """The server of `model` on a tiny weights root, its log in `folder` (use as a context manager)."""
-    return CogServer({"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": model}, folder / "server.log")
+def tiny_server(weights: Path, model: str, folder: Path, **env: str) -> CogServer:
+    """The server of `model` on a tiny weights root, its log in `folder`, with any other settings `env` (use as a
+    context manager)."""
+    return CogServer({"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": model, **env}, folder / "server.log")
 
 
 class CogServer:
