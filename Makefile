@@ -6,7 +6,7 @@ PROMPT ?= a photo of an astronaut riding a horse on the moon
 MODEL ?= $(or $(FLASHSD_MODEL),sdxl)
 export FLASHSD_MODEL := $(MODEL)
 
-.PHONY: setup test test-quick lint format predict demo serve schema weights bench
+.PHONY: setup test test-quick lint format predict demo serve schema weights bench train train-demo serve-train
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,19 @@ demo: setup  ## the same prediction on tiny random weights: shows the whole path
 	$(BIN)/python -m testkit.tiny_repos weights-tiny
 	FLASHSD_WEIGHTS=weights-tiny $(BIN)/python -m flashsd predict -i prompt="$(PROMPT)" -i aspect_ratio=custom -i width=256 -i height=256 --output-dir outputs/demo
 
-schema: setup  ## regenerate .cog/openapi_schema.json from predict.py
+train: setup  ## train a style LoRA on IMAGES (a zip or tar of images) with the real weights: the tar goes to outputs/
+	$(BIN)/python -m flashsd train -i input_images="$(IMAGES)" $(if $(INPUTS),$(foreach i,$(INPUTS),-i $(i)))
+
+train-demo: setup  ## a short training on tiny random weights and a drawn image set: the whole path, offline
+	$(BIN)/python -m testkit.tiny_repos weights-tiny $(MODEL)
+	$(BIN)/python -m testkit.training_sets outputs/demo-images.zip
+	FLASHSD_WEIGHTS=weights-tiny $(BIN)/python -m flashsd train -i input_images=outputs/demo-images.zip -i steps=10 -i resolution=256 -i seed=1 --output-dir outputs/train-demo
+
+serve-train: setup  ## the Cog HTTP server in train mode on 127.0.0.1:5000 (POST /trainings), as Replicate runs trainings
+	PATH="$(CURDIR)/$(BIN):$$PATH" COG_TRAIN_TYPE_STUB=train.py:train PORT=5000 \
+		$(BIN)/python -m cog.server.http --host 127.0.0.1 --x-mode train
+
+schema: setup  ## regenerate .cog/openapi_schema.json from predict.py and train.py
 	$(BIN)/python scripts/openapi-schema
 
 serve: setup  ## the Cog HTTP server on 127.0.0.1:5000, as in the container (4 predictions at once, as @concurrent says)

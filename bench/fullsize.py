@@ -43,7 +43,7 @@ def build(root: Path | None = None) -> Path:
 
     from flashsd.models import MODELS
     from flashsd.weights import missing_files, repo_dir
-    from tests import tiny_repos
+    from testkit import tiny_repos
 
     root = Path(root or default_root())
     model = MODELS["sd15"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import inspect
 import logging
 import os
 import statistics
@@ -23,6 +22,7 @@ from flashsd.engine import Engine
 from flashsd.images import write_outputs
 from flashsd.models import FlashModel
 from flashsd.request import build_request
+from testkit.predictors import predictor_inputs
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 # The base models' own recipes: 25 steps with classifier-free guidance at each model card's scale.
@@ -69,19 +69,6 @@ class _Replay:
 
     def __call__(self, **arguments):
         return SimpleNamespace(images=list(self._images))
-
-
-def predictor_inputs(predictor_class, **overrides) -> dict:
-    """Every input of predict() at its declared default (calling predict() directly does not resolve
-    cog's Input() defaults), then the overrides."""
-    inputs = {}
-    for name, parameter in inspect.signature(predictor_class.predict).parameters.items():
-        if name == "self":
-            continue
-        default = getattr(parameter.default, "default", parameter.default)
-        inputs[name] = None if default is inspect.Parameter.empty or "Undefined" in type(default).__name__ else default
-    inputs.update(overrides)
-    return inputs
 
 
 def load_predictor(model: FlashModel, root: Path):

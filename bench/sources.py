@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashsd.models import MODELS, FlashModel
-from flashsd.weights import default_root, missing_files, repo_dir
+from flashsd.settings import Settings
+from flashsd.weights import missing_files, repo_dir
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def weights_for(model: FlashModel, choice: str) -> Weights:
             raise SystemExit(f"{root} lacks {len(missing)} file(s) of {model.key}, e.g. {missing[0]}")
         return Weights(root, "real")
     if choice == "auto":
-        root = default_root()
+        root = Settings.from_environ().weights_root  # FLASHSD_WEIGHTS, else weights/
         if root.is_dir() and not missing_files(model, root):
             return Weights(root, "real")
     from testkit.tiny_repos import build_tiny_weights

@@ -75,6 +75,8 @@ def _pipeline(key: str, unet):
 
 def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     from flashsd import loras
+    from flashsd.loras.cache import Loaded
+    from flashsd.loras.header import read_header
     from flashsd.models import MODELS
     from flashsd.request import parse_lora_source
     from flashsd.settings import LoraSettings
@@ -100,8 +102,8 @@ def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int)
         for _ in range(repeats):
             gc.collect()
             t = time.perf_counter()
-            header = loras.read_header(cached.path, "lora_weights", "style")
-            manager.check(lora, loras.Loaded(cached.path, header, "style", "", size))
+            header = read_header(cached.path, "lora_weights", "style")
+            manager.check(lora, Loaded(cached.path, header, "style", "", size))
             samples.setdefault("check", []).append(time.perf_counter() - t)
             t = time.perf_counter()
             load_file(cached.path, device="cpu")
@@ -128,9 +130,10 @@ def swap_times(key: str, device: torch.device, dtype: torch.dtype, repeats: int)
 
 def cached_lora_ratio(model, root: Path, size: int, repeats: int) -> dict:
     """Two predictors on the same weights, interleaved: one with the same LoRA every time, one without."""
-    from bench.pipeline import load_predictor, predictor_inputs
+    from bench.pipeline import load_predictor
     from testkit.lora_files import write_lora
     from testkit.lora_server import LoraServer
+    from testkit.predictors import predictor_inputs
 
     plain, _ = load_predictor(model, root)
     styled, _ = load_predictor(model, root)

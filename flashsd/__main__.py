@@ -1,6 +1,7 @@
 """The local command line: the same engine as the Cog predictor, without Docker.
 
 python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
+python -m flashsd train -i input_images=photos.zip -i trigger_word=TOK -i steps=500
 FLASHSD_CONTROLNETS=canny python -m flashsd predict -i prompt="a glass house" -i controlnet_1=canny \
     -i controlnet_1_image=photo.jpg
 python -m flashsd sizes
@@ -65,6 +66,39 @@ def predict(args) -> int:
     return 0
 
 
+def train(args) -> int:
+    """One training, as train.py runs it under Cog: the tar goes to --output-dir."""
+    from dataclasses import fields
+
+    from .training import TrainingOptions, run_training
+
+    settings = Settings.from_environ()
+    model = MODELS[args.model or settings.model]
+    root = Path(args.weights) if args.weights else settings.weights_root
+    inputs = _parse_inputs(args.input)
+    archive = inputs.pop("input_images", None)
+    if archive is None:
+        raise InputError("-i input_images=PATH is required: a zip or tar of images.")
+    known = {f.name for f in fields(TrainingOptions)}
+    unknown = sorted(set(inputs) - known)
+    if unknown:
+        raise InputError(
+            f"unknown training input(s) {', '.join(unknown)}; the inputs are input_images, {', '.join(sorted(known))}."
+        )
+    if "trigger_word" in inputs:
+        inputs["trigger_word"] = str(inputs["trigger_word"])
+    tar = run_training(
+        Path(str(archive)),
+        TrainingOptions(**inputs),
+        model,
+        root,
+        select_runtime(settings.device),
+        Path(args.output_dir),
+    )
+    print(f"wrote {tar}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashsd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", choices=list(MODELS), help="default: FLASHSD_MODEL or sdxl")
     run.add_argument("--weights", help="weights root (default: FLASHSD_WEIGHTS or weights/)")
     run.add_argument("--output-dir", default="outputs")
+    learn = commands.add_parser("train", help="train a style LoRA on a zip or tar of images; the tar to --output-dir")
+    learn.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
+                       help="a training input, as train.py declares them (repeatable)")  # fmt: skip
+    learn.add_argument("--model", choices=list(MODELS), help="default: FLASHSD_MODEL or sdxl")
+    learn.add_argument("--weights", help="weights root (default: FLASHSD_WEIGHTS or weights/)")
+    learn.add_argument("--output-dir", default="outputs")
     commands.add_parser("sizes", help="print the aspect-ratio sizes of each model (Markdown)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -94,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {ratio} | " + " | ".join(cells) + " |")
         return 0
     try:
-        return predict(args)
+        return train(args) if args.command == "train" else predict(args)
     except (InputError, WeightsError, DeviceError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, InputError) else 1

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -32,21 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import WeightsError
-from .hub_errors import HubContext, HubUnreachable, Retryable, cannot_write, redact, status_of, token_source, translate
+from tqdm import tqdm
+
+from .errors import WeightsError, redact
+from .hub_errors import HubContext, HubUnreachable, Retryable, cannot_write, status_of, translate
 from .models import FlashModel, HubRepo
 from .weights import listed_files, missing_files, missing_message, repo_dir
 
 if TYPE_CHECKING:
     from huggingface_hub import HfFileMetadata
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 HEAD_TIMEOUT_S = 10.0  # per metadata request; HF_HUB_ETAG_TIMEOUT overrides
 CONNECT_TIMEOUT_S = 5.0
 ATTEMPTS = 3  # transfers of one file before a corrupted arrival is an error
 STALE_PARTIAL_S = 3600  # partial files older than this were left by a killed run
 RECORD = Path(".cache") / "flashsd" / "verified.json"  # in each repo folder
-_CHUNK = 8 * 1024 * 1024
 
 Log = Callable[[str], None]
 
@@ -127,16 +128,7 @@ def download(
     lists = {repo.id: listed_files(repo) for repo in model.repos}  # refuse pickles before anything else
     # Faster Xet transfers, as Cog's own diffusers example does; read by hf_xet when its session starts.
     os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
-    from huggingface_hub import constants, get_token
-
-    token = token or get_token() or None
-    ctx = HubContext(
-        root=root,
-        endpoint=(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT or DEFAULT_ENDPOINT).rstrip("/"),
-        token=token,
-        token_source=None if token is None else token_source(token),
-        timeout=float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HEAD_TIMEOUT_S),
-    )
+    ctx = HubContext.current(root, float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HEAD_TIMEOUT_S), token)
     report = DownloadReport(model=model.key, root=root)
 
     plans = []
@@ -158,7 +150,7 @@ def download(
     if report.nothing_fetched:
         log(f"{model.title}: all {total} files present in {root}; nothing fetched")
     else:
-        fetched = f"fetched {len(report.fetched)} ({_human(report.bytes_fetched)})"
+        fetched = f"fetched {len(report.fetched)} ({tqdm.format_sizeof(report.bytes_fetched, 'B')})"
         log(f"{model.title}: all {total} files present in {root}; {fetched}")
     return report
 
@@ -199,7 +191,10 @@ def _plan(repo: HubRepo, files: tuple[str, ...], root: Path, ctx: HubContext, lo
         log(f"{repo.id}: all {len(files)} files present at rev {rev} (checked against the hub); nothing to fetch")
     else:
         size = sum(metas[f].size or 0 for f in todo)
-        log(f"{repo.id}: fetching {len(todo)} of {len(files)} files at rev {rev} ({_human(size)}) into {dest}")
+        log(
+            f"{repo.id}: fetching {len(todo)} of {len(files)} files at rev {rev} ({tqdm.format_sizeof(size, 'B')}) "
+            f"into {dest}"
+        )
     return _Plan(repo, dest, report, todo, metas)
 
 
@@ -254,15 +249,15 @@ def _fetch_repo(plan: _Plan, ctx: HubContext, log: Log) -> None:
     started = time.monotonic()
     for i, f in enumerate(plan.todo, 1):
         meta = plan.metas[f]
-        log(f"  [{i}/{len(plan.todo)}] {repo.id}/{f} ({_human(meta.size or 0)})")
+        log(f"  [{i}/{len(plan.todo)}] {repo.id}/{f} ({tqdm.format_sizeof(meta.size or 0, 'B')})")
         _fetch_file(repo, f, dest, meta, ctx, log, report)
         report.fetched.append(f)
         report.bytes_fetched += (dest / f).stat().st_size
     report.seconds = time.monotonic() - started
     rate = report.bytes_fetched / max(report.seconds, 1e-3)
     log(
-        f"{repo.id}: fetched {len(report.fetched)} files ({_human(report.bytes_fetched)}) "
-        f"in {report.seconds:.1f} s ({_human(rate)}/s)"
+        f"{repo.id}: fetched {len(report.fetched)} files ({tqdm.format_sizeof(report.bytes_fetched, 'B')}) "
+        f"in {report.seconds:.1f} s ({tqdm.format_sizeof(rate, 'B')}/s)"
     )
 
 
@@ -346,7 +341,6 @@ def _head(repo: HubRepo, f: str, ctx: HubContext) -> HfFileMetadata:
 
 
 # -- checks ------------------------------------------------------------------------------------------------------
-# -- checks ------------------------------------------------------------------------------------------------------
 
 
 def _size_problem(path: Path, meta: HfFileMetadata) -> str | None:
@@ -360,43 +354,19 @@ def _content_problem(path: Path, meta: HfFileMetadata) -> str | None:
     """None when `path` has the size and hash the hub announced, else what differs."""
     if not path.is_file():
         return "file missing after the transfer"
-    problem = _size_problem(path, meta)
+    problem, size = _size_problem(path, meta), path.stat().st_size
     if problem:
         return problem
     etag = (meta.etag or "").lower()
-    if len(etag) == 64 and _is_hex(etag):
-        got, kind = _sha256(path), "sha256"
-    elif len(etag) == 40 and _is_hex(etag):
-        got, kind = _git_blob_sha1(path), "git sha1"
-    else:
+    if not re.fullmatch("[0-9a-f]{64}|[0-9a-f]{40}", etag):
         return None  # an etag that is no content hash: the size is all we can check
+    # LFS files: the sha256 of the content; other files: git's blob id, the sha1 of `blob <size>\0` and the content.
+    kind, digest = ("sha256", "sha256") if len(etag) == 64 else ("git sha1", lambda: hashlib.sha1(b"blob %d\0" % size))
+    with open(path, "rb") as f:
+        got = hashlib.file_digest(f, digest).hexdigest()
     if got != etag:
         return f"{kind} {got[:12]}..., the hub says {etag[:12]}..."
     return None
-
-
-def _is_hex(s: str) -> bool:
-    return all(c in "0123456789abcdef" for c in s)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    _feed(h, path)
-    return h.hexdigest()
-
-
-def _git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    _feed(h, path)
-    return h.hexdigest()
-
-
-def _feed(h: hashlib._Hash, path: Path) -> None:
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
 
 
 # -- housekeeping ------------------------------------------------------------------------------------------------
@@ -421,7 +391,7 @@ def _remove_stale_partials(dest: Path, log: Log) -> None:
         except OSError:
             pass
     if freed:
-        log(f"{dest}: removed {_human(freed)} of partial files left by an interrupted run")
+        log(f"{dest}: removed {tqdm.format_sizeof(freed, 'B')} of partial files left by an interrupted run")
 
 
 def _check_disk_space(root: Path, needed: int) -> None:
@@ -433,14 +403,7 @@ def _check_disk_space(root: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise WeightsError(
-            f"Not enough disk space for the weights: {_human(needed)} to fetch into {root}, {_human(free)} free. "
-            "Free some space, or point FLASHSD_WEIGHTS (or --root) at a larger disk."
+            f"Not enough disk space for the weights: {tqdm.format_sizeof(needed, 'B')} to fetch into {root}, "
+            f"{tqdm.format_sizeof(free, 'B')} free. Free some space, or point FLASHSD_WEIGHTS (or --root) at a larger "
+            "disk."
         )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

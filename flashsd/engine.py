@@ -16,7 +16,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from . import adapter, errors, logs, loras, speed
+from . import adapter, errors, health, logs, loras, speed
 from .control import ControlNets, with_controlnets
 from .models import FlashModel
 from .pipelines import derive, shares_components
@@ -24,7 +24,7 @@ from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
 from .request import GenerationRequest, build_request, distinct_sizes
 from .runtime import Runtime, select_runtime
-from .safety import ImagesFlagged, SafetyChecker
+from .safety import ImagesFlagged, SafetyChecker, screen_lines
 from .schedulers import FlashFlowMatchEulerDiscreteScheduler
 from .settings import Settings
 from .weights import repo_dir, weights_problems
@@ -68,6 +68,7 @@ class Engine:
         self.runtime = runtime
         self.safety_checker = safety_checker
         self._mode_pipelines: dict[str, object] = {}
+        self.fault = health.DeviceFault()  # the first fatal device error met (flashsd.health)
         self.speed = speed.SpeedState()  # what the fast path did (set in load)
         self.loras: loras.StyleLoras | None = None  # style LoRAs (set in load, for the models that take them)
         self.controlnets: ControlNets | None = None  # the ControlNets the build holds (set in load)
@@ -115,18 +116,16 @@ class Engine:
         return self.controlnets.maps(request.controls, (request.width, request.height), stop)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Every torch module the engine runs (the pipeline's components, the safety checker, the ControlNets and
-        the depth estimator), by name."""
+        """Every torch module the engine runs, by name: the pipeline's components, the safety checker and its second
+        opinion, the ControlNets and the depth estimator."""
         found = {name: c for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
         if self.safety_checker is not None:
             found["safety_checker"] = self.safety_checker.model
+            if self.safety_checker.second_opinion is not None:
+                found["safety_second_opinion"] = self.safety_checker.second_opinion.model
         if self.controlnets is not None:
             found |= self.controlnets.modules()
         return found
-
-    def schedulers(self) -> list[object]:
-        """The schedulers of every pipeline the engine has built (they hold per-call state)."""
-        return [self.pipe.scheduler, *(p.scheduler for p in self._mode_pipelines.values())]
 
     @classmethod
     def load(
@@ -189,7 +188,9 @@ class Engine:
         )
         checker = None
         if model.safety_checker is not None:
-            checker = SafetyChecker.load(root, model.safety_checker, runtime.device, runtime.dtype)
+            checker = SafetyChecker.load(
+                root, model.safety_checker, runtime.device, runtime.dtype, model.safety_second_opinion
+            )
         engine = cls(model, pipe, runtime, checker, settings)
         for mode in engine.modes:
             engine.pipeline_for(mode)  # built now, so a problem shows in setup
@@ -287,14 +288,14 @@ class Engine:
 
         A failure of the call is raised (the batcher retries a shared call's requests one by one). Out of memory
         becomes OutOfMemory (a message saying what to lower, memory freed); after any failure or cancellation the
-        engine's modules and schedulers are restored, so the worker, which Cog never restarts, carries on."""
+        engine's modules are restored, so the worker, which Cog never restarts, carries on."""
         says = list(says or [log.log] * len(requests))
         first = requests[0]
         for request, say in zip(requests, says):
             self._announce(request, say, others=len(requests) - 1)
         applied = self.apply_loras(first, stop)
         pipe = self.pipeline_of(first)
-        with PredictionGuard(self.modules(), self.schedulers(), first, self.runtime.device):
+        with PredictionGuard(self.modules(), first, self.runtime.device, self.fault):
             maps = self._timed_control_maps(first, says, stop)
             arguments = self.pipeline_arguments(*requests, maps=maps)
             progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
@@ -395,16 +396,10 @@ class Engine:
         if not request.check_safety:
             say(logging.INFO, "Safety checker disabled for this prediction (disable_safety_checker)")
             return generated
-        flags = self.safety_checker.flags([item.image for item in generated])
-        kept = [item for item, flagged in zip(generated, flags) if not flagged]
-        if len(kept) < len(generated):
-            say(
-                logging.WARNING,
-                "Safety checker: %d of %d image(s) flagged as potentially NSFW and left out (seeds %s)",
-                len(generated) - len(kept),
-                len(generated),
-                ", ".join(str(item.seed) for item, flagged in zip(generated, flags) if flagged),
-            )
+        verdicts = self.safety_checker.flags([item.image for item in generated])
+        kept = [item for item, flagged in zip(generated, verdicts) if not flagged]
+        for level, line in screen_lines(verdicts, [item.seed for item in generated]):
+            say(level, "%s", line)
         if not kept:
             raise ImagesFlagged(len(generated))
         return kept

@@ -59,6 +59,19 @@ SAFETY_CHECKER = HubRepo(
 )
 SAFETY_CHECKER_VARIANT = "fp16"
 
+# The second opinion on images the CompVis checker flags (flashsd.safety): a ViT fine-tuned to tell `normal` from
+# `nsfw`, as replicate/cog-flux uses it. Pin 63e0a066 ("Update config.json", the commit after the safetensors
+# conversion 00184bf). Verified from stored copies of the hub's pages, not against the live hub: the file list at
+# that commit (config.json 724 B, model.safetensors 343 MB, preprocessor_config.json 325 B, beside the pickles
+# pytorch_model.bin and optimizer.pt, never fetched); the config's text (commit 121fba2 and the two one-line
+# `_name_or_path` changes after it, 724 bytes as written); model.safetensors' LFS sha256 97b2ce64... and size
+# 343,223,968 bytes, which the ViT-Base layout of that config gives to the byte (tests/test_safety.py).
+SAFETY_SECOND_OPINION = HubRepo(
+    "Falconsai/nsfw_image_detection",
+    "63e0a066bb08d2ae47324b540fba3adfd4536569",
+    ("config.json", "model.safetensors", "preprocessor_config.json"),
+)
+
 
 @dataclass(frozen=True)
 class FlashModel:
@@ -82,6 +95,9 @@ class FlashModel:
     img2img_pipeline: str | None = None
     inpaint_pipeline: str | None = None
     safety_checker: HubRepo | None = SAFETY_CHECKER
+    # Re-checks the images safety_checker flags; an image it calls `normal` is kept (flashsd.safety). Fetched and
+    # loaded with the checker: a model without one has no use for it.
+    safety_second_opinion: HubRepo | None = SAFETY_SECOND_OPINION
     # Adapter layers that name modules of the trainer's own model, which the base pipeline does not have: the
     # card's loader skips them, and so does flashsd (one log line); any other layer that does not land is an error.
     adapter_foreign_layers: tuple[str, ...] = ()
@@ -98,7 +114,8 @@ class FlashModel:
     @property
     def repos(self) -> tuple[HubRepo, ...]:
         """Every repo to download, one row per repo id (see _merged)."""
-        own = (self.base, self.vae, self.adapter, self.safety_checker)
+        second_opinion = self.safety_second_opinion if self.safety_checker is not None else None
+        own = (self.base, self.vae, self.adapter, self.safety_checker, second_opinion)
         return _merged(tuple(r for r in own if r is not None) + self.extra_repos)
 
 
@@ -136,7 +153,7 @@ SDXL = FlashModel(
     native_size=1024,
     sampler_name="LCM",
     variant="fp16",
-    disk_gb=8.1,
+    disk_gb=8.4,
 )
 
 SD3 = FlashModel(
@@ -171,7 +188,7 @@ SD3 = FlashModel(
     sampler_name="Flash flow-match Euler",
     # The Flash SD3 adapter was trained without T5.
     absent_components=("text_encoder_3", "tokenizer_3"),
-    disk_gb=6.9,
+    disk_gb=7.2,
 )
 
 SD15 = FlashModel(
@@ -205,7 +222,7 @@ SD15 = FlashModel(
     # The pipeline's own checker blacks flagged images out; flashsd runs the checker itself (flashsd.safety).
     absent_components=("safety_checker", "feature_extractor"),
     call_options={},
-    disk_gb=2.8,
+    disk_gb=3.1,
 )
 
 PIXART = FlashModel(
@@ -247,8 +264,13 @@ PIXART = FlashModel(
     ),
     # Sizes are honoured as asked; captions are not rewritten.
     call_options={"use_resolution_binning": False, "clean_caption": False},
-    disk_gb=22.6,
+    disk_gb=22.9,
 )
 
 MODELS: dict[str, FlashModel] = {m.key: m for m in (SDXL, SD3, SD15, PIXART)}
 DEFAULT_MODEL = "sdxl"
+
+
+def lora_models() -> str:
+    """The models that take style LoRAs, and the LoRAs each takes, for messages."""
+    return ", ".join(f"{m.title} ({m.key}) with {m.lora_family} LoRAs" for m in MODELS.values() if m.lora_family)

@@ -29,16 +29,15 @@ log = logging.getLogger("flashsd")
 SHOWN_CHARACTERS = 200  # of the cut-off text, in the log line
 
 
+def _max_sequence_length(pipe) -> int:
+    """The T5 tokens the pipeline's call reads by default (PixArt-α's 120, SD3's 256)."""
+    return inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+
+
 def _token_limit(pipe, tokenizer) -> tuple[int, str]:
     """How many tokens the pipeline lets this tokenizer produce, and a name for the encoder."""
     if type(tokenizer).__name__.startswith("T5"):
-        parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-        limit = (
-            parameter.default
-            if parameter is not None and isinstance(parameter.default, int)
-            else tokenizer.model_max_length
-        )
-        return limit, "T5"
+        return _max_sequence_length(pipe), "T5"
     return tokenizer.model_max_length, "CLIP"
 
 
@@ -279,8 +278,7 @@ class PromptEncoder:
         if self.family != "sd3":
             return embeds
         width = self.pipe.transformer.config.joint_attention_dim
-        parameter = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
-        t5_tokens = parameter.default if parameter is not None and isinstance(parameter.default, int) else 256
+        t5_tokens = _max_sequence_length(self.pipe)
         widened = torch.nn.functional.pad(embeds, (0, width - embeds.shape[-1]))
         t5 = torch.zeros((1, t5_tokens, width), dtype=self.pipe.text_encoder.dtype, device=embeds.device)
         return torch.cat([widened, t5], dim=-2)

@@ -2,9 +2,12 @@
 
 `PredictionGuard` (what Engine.generate runs its pipeline call in): an out-of-memory error becomes `OutOfMemory`,
 a message that says what to lower, after the frames that held the tensors are cleared and the allocator's cache
-is emptied; after any failure or cancellation, components moved or cast during the call are put back and the
-schedulers' per-call state is reset, so the next prediction runs exactly as before. It works on what the engine
-exposes (its modules and schedulers), not on the engine itself.
+is emptied; after any failure or cancellation, components moved or cast during the call are put back, so the next
+prediction runs exactly as before. The schedulers need nothing: every diffusers pipeline call starts with
+`scheduler.set_timesteps`, which resets their per-call state (`_step_index`, `_begin_index`) in LCMScheduler and
+in flashsd.schedulers' Flash scheduler alike. A fatal device error (one that poisons the CUDA context:
+flashsd.health) is recorded in the engine's DeviceFault and becomes `DeviceFailed`, which says that this instance
+can no longer serve. It works on what the engine exposes (its modules and fault record), not on the engine itself.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import contextlib
 import gc
 import logging
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import InputError
+from .health import DeviceFault
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -32,9 +36,7 @@ class OutOfMemory(InputError):
     """The request needs more memory than the device has free: the message says what to lower."""
 
 
-_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
-    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError, MemoryError}
-)
+_OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)  # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError
 # RuntimeErrors that are allocation failures under another name (cuBLAS/cuDNN workspaces, the CPU allocator).
 _OOM_MARKERS = (
     "out of memory",
@@ -109,7 +111,7 @@ def snapshot(modules: Mapping[str, torch.nn.Module]) -> dict[str, _ModuleState]:
     return shot
 
 
-def restore(shot: dict[str, _ModuleState], schedulers: Iterable[object]) -> list[str]:
+def restore(shot: dict[str, _ModuleState]) -> list[str]:
     """Put back what a failed or cancelled call changed; returns what was restored (for the log)."""
     restored = []
     for name, state in shot.items():
@@ -122,29 +124,25 @@ def restore(shot: dict[str, _ModuleState], schedulers: Iterable[object]) -> list
             # e.g. a VAE upcast to float32 for decoding (diffusers' upcast_vae) when the decode failed
             module.to(device=state.device, dtype=state.dtype)
             restored.append(f"{name} back to {str(state.dtype).removeprefix('torch.')} on {state.device}")
-    for scheduler in {id(s): s for s in schedulers}.values():
-        for attribute in ("_step_index", "_begin_index"):
-            if getattr(scheduler, attribute, None) is not None:
-                setattr(scheduler, attribute, None)
     return restored
 
 
 class PredictionGuard:
-    """`with PredictionGuard(modules, schedulers, request, device): pipe(...)`.
+    """`with PredictionGuard(modules, request, device): pipe(...)`.
 
-    On an exception (cancellation included): restores the modules' device, dtype and mode and resets the
-    schedulers; an out-of-memory error is replaced by `OutOfMemory` once memory is freed.
+    On an exception (cancellation included): restores the modules' device, dtype and mode; an out-of-memory error
+    is replaced by `OutOfMemory` once memory is freed; a fatal device error is recorded in `fault` and replaced by
+    `DeviceFailed`.
     """
 
     def __init__(
         self,
         modules: Mapping[str, torch.nn.Module],
-        schedulers: Iterable[object],
         request: GenerationRequest,
         device: torch.device,
+        fault: DeviceFault | None = None,
     ):
-        self.modules, self.schedulers = modules, list(schedulers)
-        self.request, self.device = request, device
+        self.modules, self.request, self.device, self.fault = modules, request, device, fault
 
     def __enter__(self) -> PredictionGuard:
         self._shot = snapshot(self.modules)
@@ -165,12 +163,14 @@ class PredictionGuard:
             del tb
             free_memory()
         try:
-            restored = restore(self._shot, self.schedulers)
+            restored = restore(self._shot)
         except BaseException as restore_error:  # noqa: BLE001 - said loudly, then the original error goes on
             log.error("Could not restore the pipeline after a failed prediction: %r", restore_error)
             restored = []
         if restored:
             log.warning("Restored after the failed prediction: %s", ", ".join(restored))
+        if self.fault is not None and self.fault.record(error):
+            raise self.fault.failure() from error
         if not out_of_memory:
             return False  # the original exception (or cancellation) propagates unchanged
         log.warning("%s; memory freed, the worker carries on", cause)

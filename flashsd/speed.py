@@ -229,7 +229,7 @@ def _compile_regions(denoiser: torch.nn.Module, options: dict) -> list[str]:
     """Regional compilation of the denoiser (each repeated block compiled in place, the denoiser itself
     left eager); the whole module when it has no known repeated block."""
     kind = type(denoiser).__name__
-    if getattr(denoiser, "_repeated_blocks", None):
+    if denoiser._repeated_blocks:
         denoiser.compile_repeated_blocks(**options)
         blocks = tuple(denoiser._repeated_blocks)
     else:
@@ -285,16 +285,12 @@ def compile_pipeline(pipe, model: FlashModel, settings: CompileSettings, state: 
         options["mode"] = settings.mode
     denoiser = getattr(pipe, model.denoiser)
     for name in (model.denoiser, "vae"):
-        module = getattr(pipe, name, None)
-        if module is not None and hasattr(module, "fuse_qkv_projections"):
-            module.fuse_qkv_projections()
-            state.fused_qkv.append(name)
+        getattr(pipe, name).fuse_qkv_projections()  # every denoiser's and the VAE's in diffusers 0.42
+        state.fused_qkv.append(name)
     state.channels_last = _channels_last(pipe, model)
     state.compiled_modules = [f"{model.denoiser}.{n}".rstrip(".") for n in _compile_regions(denoiser, options)]
-    vae = getattr(pipe, "vae", None)
-    if vae is not None:
-        vae.decoder.compile(**{**options, "fullgraph": False})
-        state.compiled_modules.append("vae.decoder")
+    pipe.vae.decoder.compile(**{**options, "fullgraph": False})
+    state.compiled_modules.append("vae.decoder")
     state.compiled = True
 
 

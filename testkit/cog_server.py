@@ -39,6 +39,13 @@ def decode_data_url(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(payload)))
 
 
+def tiny_png(size: tuple[int, int] = (64, 64), color=(200, 30, 30), mode: str = "RGB") -> str:
+    """A plain PNG as a data URL: an image input as a client sends it."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def tiny_server(weights: Path, model: str, folder: Path, **env: str) -> CogServer:
     """The server of `model` on a tiny weights root, its log in `folder`, with any other settings `env` (use as a
     context manager)."""
@@ -46,9 +53,10 @@ def tiny_server(weights: Path, model: str, folder: Path, **env: str) -> CogServe
 
 
 class CogServer:
-    """`python -m cog.server.http` as the container runs it, with its logs kept in a file."""
+    """`python -m cog.server.http` as the container runs it, with its logs kept in a file. `train=True`: the server
+    in train mode (`--x-mode train`, cog.yaml's `train:` in COG_TRAIN_TYPE_STUB), as Replicate runs trainings."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = PROJECT_ROOT):
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = PROJECT_ROOT, train: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -58,16 +66,18 @@ class CogServer:
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+            "COG_TRAIN_TYPE_STUB": "train.py:train",
             "PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
             **env,
         }
+        self.mode = ["--x-mode", "train"] if train else []
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> CogServer:
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *self.mode],
             cwd=self.cwd,
             env=self.env,
             stdout=self._log,
@@ -112,6 +122,10 @@ class CogServer:
             time.sleep(0.02)
         return response
 
+    def train(self, inputs: dict, timeout: float = 300, **kwargs) -> requests.Response:
+        """One POST /trainings (train mode)."""
+        return requests.post(f"{self.url}/trainings", json={"input": inputs}, timeout=timeout, **kwargs)
+
     def logs(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
@@ -131,3 +145,70 @@ class CogServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# -- the server's working directory and its worker process -------------------------------------------------------
+
+
+def server_root(folder: Path) -> Path:
+    """A working directory for the server: the project's code (symlinked) and an OpenAPI schema generated now
+    from predict.py (coglet validates inputs only when `.cog/openapi_schema.json` is there), so a test never
+    depends on a stale or half-written schema in the shared checkout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("predict.py", "flashsd", "cog.yaml", "testkit"):
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(PROJECT_ROOT / name)
+    schema = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "openapi-schema"), "--stdout"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    (folder / ".cog").mkdir(exist_ok=True)
+    (folder / ".cog" / "openapi_schema.json").write_text(schema)
+    return folder
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+def worker_pid(server: CogServer) -> int:
+    """The Python worker coglet spawned (its only child process)."""
+    pids = children(server.process.pid)
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one worker process under coglet, found {pids}")
+    return pids[0]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def wait_ready(server: CogServer, timeout: float = 30) -> tuple[str | None, float]:
+    """CogServer.wait_ready, timed: (last status, seconds)."""
+    started = time.monotonic()
+    return server.wait_ready(timeout), time.monotonic() - started

@@ -6,7 +6,8 @@ loading code (plain `from_pretrained(..., local_files_only=True)`, LoRA / PEFT a
 seconds. Configs keep the real repos' structure (class names, scheduler configs, variants and dtypes,
 special tokens, shard names, VAE scale factor 8, latent channels, conditioning kinds); only the sizes are
 tiny. Same seed → byte-identical files. Every model also lists the safety checker, which lives in SD1.5's
-repo folder: a folder shared by several models holds the union of their files, each written identically.
+repo folder (a folder shared by several models holds the union of their files, each written identically), and its
+second opinion (Falconsai/nsfw_image_detection).
 
 The Flash adapters are in their real files' formats (see "the Flash adapters" below): SDXL / SD1.5 LoRA files
 with old diffusers keys at the real ranks on every attention projection; SD3 / PixArt PEFT adapters (r=64,
@@ -736,6 +737,59 @@ def build_safety_checker(folder: Path, seed: int = 0) -> None:
     _json_dump(folder / "feature_extractor" / "preprocessor_config.json", SAFETY_FEATURE_EXTRACTOR)
 
 
+# The second safety opinion, Falconsai/nsfw_image_detection at the pin in flashsd.models (SAFETY_SECOND_OPINION).
+# config.json verbatim: the text added by the hub commit 121fba2 ("Upload 4 files") with `_name_or_path` as the
+# pinned commit 63e0a066 sets it (stored copies of the hub's commit pages; 724 bytes as transformers writes it,
+# json indent 2, sorted, final newline: the hub's size). Its weights, model.safetensors, are fp32 with the key names
+# transformers 4.31 saved (vit.encoder.layer.N.attention.attention.query...), metadata {"format": "pt"}.
+SECOND_OPINION_CONFIG = {
+    "_name_or_path": "Falconsai/nsfw_image_detection", "architectures": ["ViTForImageClassification"],
+    "attention_probs_dropout_prob": 0.0, "encoder_stride": 16, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+    "hidden_size": 768, "id2label": {"0": "normal", "1": "nsfw"}, "image_size": 224, "initializer_range": 0.02,
+    "intermediate_size": 3072, "label2id": {"normal": "0", "nsfw": "1"}, "layer_norm_eps": 1e-12, "model_type": "vit",
+    "num_attention_heads": 12, "num_channels": 3, "num_hidden_layers": 12, "patch_size": 16,
+    "problem_type": "single_label_classification", "qkv_bias": True, "torch_dtype": "float32",
+    "transformers_version": "4.31.0",
+}  # fmt: skip
+# preprocessor_config.json verbatim (a stored copy of a duplicate of the repo; 325 bytes, the hub's size).
+SECOND_OPINION_PREPROCESSOR = {
+    "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "ViTImageProcessor", "image_std": [0.5, 0.5, 0.5], "resample": 2,
+    "rescale_factor": 0.00392156862745098, "size": {"height": 224, "width": 224},
+}  # fmt: skip
+# What the tiny fixture changes: the sizes (a 32 px image in 8 px patches; encoder_stride follows the patch).
+SECOND_OPINION_TINY = {
+    "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32,
+    "patch_size": 8, "encoder_stride": 8,
+}  # fmt: skip
+# The tiny classifier's logit for `nsfw` is raised by this much, so it confirms every flag of the CompVis checker
+# (whose tiny thresholds flag nothing unless a test lowers them): tests that lower the thresholds see the images
+# left out as before. Tests that need `normal` change the loaded classifier's bias (the real code path).
+SECOND_OPINION_NSFW_MARGIN = 10.0
+
+
+def second_opinion_config(tiny: bool = True) -> dict:
+    return {**SECOND_OPINION_CONFIG, **(SECOND_OPINION_TINY if tiny else {})}
+
+
+def build_second_opinion(folder: Path, seed: int = 0) -> None:
+    """config.json, model.safetensors and preprocessor_config.json of Falconsai/nsfw_image_detection: a tiny random
+    ViTForImageClassification in the real file's format, its configs the real ones at the tiny sizes."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = second_opinion_config()
+    _seeded(seed, "second_opinion")
+    model = ViTForImageClassification(ViTConfig(**{k: v for k, v in config.items() if not k.startswith("_")})).eval()
+    nsfw = int(config["label2id"]["nsfw"])
+    model.classifier.bias[nsfw] += SECOND_OPINION_NSFW_MARGIN
+    model.save_pretrained(folder, safe_serialization=True)  # fp32, the 4.31 key names, {"format": "pt"}
+    _json_dump(folder / "config.json", config, sort_keys=True)
+    size = config["image_size"]
+    _json_dump(
+        folder / "preprocessor_config.json", {**SECOND_OPINION_PREPROCESSOR, "size": {"height": size, "width": size}}
+    )
+
+
 def listed_for(repo_id: str) -> set[str]:
     """Every file of `repo_id` that some model lists (models may share a repo's folder)."""
     return {name for model in MODELS.values() for repo in model.repos if repo.id == repo_id for name in repo.files}
@@ -792,6 +846,8 @@ def build_repo_files(root: Path, model_key: str, *, seed: int = 0, adapter_namin
             BUILDERS[model_key](model, dirs, seed, **extra)
             if model.safety_checker is not None:
                 build_safety_checker(dirs[model.safety_checker.id], seed)
+            if model.safety_second_opinion in model.repos:
+                build_second_opinion(dirs[model.safety_second_opinion.id], seed)
         for repo in model.repos:
             folder = dirs[repo.id]
             extra = files_under(folder) - set(repo.files)

@@ -166,3 +166,28 @@ def test_pixart_wrapper_only_layers_are_skipped_with_one_log_line(tiny_weights, 
     lines = [r.getMessage() for r in caplog.records if "trainer's own" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("Flash adapter: 8 layer(s)"), lines
     assert "adaln_single.add_embedding.2.linear_2" in lines[0]
+
+
+def zero_up_halves(tensors: dict) -> None:
+    """Every layer's up half zeroed: the adapter attaches everywhere and changes nothing (a freshly initialised
+    LoRA is such a file)."""
+    for key in tensors:
+        if key.endswith(("lora_B.weight", "lora.up.weight")):
+            tensors[key] = torch.zeros_like(tensors[key])
+
+
+@pytest.mark.parametrize("key", ["sd15", "sd3"])  # a LoRA file and a PEFT adapter
+def test_the_merge_counts_the_weights_it_changed_and_an_adapter_that_changes_none_fails(
+    tiny_weights, tmp_path, caplog, key
+):
+    caplog.set_level(logging.INFO, logger="flashsd")
+    Engine.load(MODELS[key], tiny_weights, CPU32)
+    layers = {m for (c, m), layer in adapter.read_lora_layers(adapter_path(tiny_weights, key)).items()}
+    denoiser = MODELS[key].denoiser
+    assert f"Flash adapter merged into {len(layers)} {denoiser} weights" in caplog.text  # one weight per LoRA layer
+    root = copy_model(tiny_weights, tmp_path, key)
+    rewrite(adapter_path(root, key), zero_up_halves)
+    with pytest.raises(
+        AdapterError, match=rf"of its {len(layers)} {denoiser} layers attached .* and 0 weights changed"
+    ):
+        Engine.load(MODELS[key], root, CPU32)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import requests
 
-from bench.soak import soak
 from testkit.cog_server import PROJECT_ROOT, CogServer, declared_concurrency, decode_data_url
+from testkit.soak import soak
 
 SMALL = {"aspect_ratio": "custom", "width": 64, "height": 64, "output_format": "png"}
 

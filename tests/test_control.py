@@ -1,59 +1,28 @@
 """Structure control against the recipes it promises: jasperai/flash-sdxl's card ("Combining Flash Diffusion with
-Existing ControlNets"), diffusers' multi-ControlNet call and control_guidance_start/end, on tiny random-weight
-checkpoints in the real layouts. The references are written with plain diffusers, transformers and OpenCV."""
+Existing ControlNets"), diffusers' multi-ControlNet call and control_guidance_start/end, the image modes' ControlNet
+pipelines, on tiny random-weight checkpoints in the real layouts, through the engine's one generation path. The
+references are written with plain diffusers, transformers and OpenCV (testkit/control_recipes.py)."""
 
-import cv2
 import numpy as np
 import pytest
-import torch
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    LCMScheduler,
-    StableDiffusionControlNetInpaintPipeline,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLControlNetPipeline,
-)
 from PIL import Image
-from transformers import DepthAnythingForDepthEstimation, DPTImageProcessorPil
 
 from flashsd import control
-from flashsd.control import CONTROL_TYPES, ControlInputs, controls_from_inputs
+from flashsd.control import ControlInputs, controls_from_inputs
 from flashsd.control_maps import canny_map
 from flashsd.errors import InputError
 from flashsd.models import MODELS
 from flashsd.request import build_request, matching_size
-
-WIDTH, HEIGHT = 128, 96
-SEEDS = [1234, 1235]
-PROMPT = "a lighthouse at dawn"
-BASE = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-LORA = {"sdxl": "jasperai/flash-sdxl", "sd15": "jasperai/flash-sd"}
-
-
-def photo(width=WIDTH, height=HEIGHT, seed=0) -> Image.Image:
-    """A photo with structure for edges and depth: shapes on a gradient, a little noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], axis=2)
-    pixels[height // 4 : height * 3 // 4, width // 5 : width // 2] = (220, 40, 40)
-    pixels[(x - width * 0.7) ** 2 + (y - height * 0.5) ** 2 < (height * 0.25) ** 2] = (30, 200, 90)
-    pixels = pixels + rng.integers(0, 12, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def difference(a, b) -> int:
-    return int(np.abs(np.asarray(a.convert("RGB"), np.int16) - np.asarray(b.convert("RGB"), np.int16)).max())
-
-
-def control_request(key, slots, **inputs):
-    """A request of model `key` with the controls `slots` ((type, photo, scale, start, end) each), 128x96, two
-    images from SEEDS[0], on a build holding every ControlNet (the tiny checker's verdicts are noise: skipped)."""
-    inputs = dict(prompt=PROMPT, seed=SEEDS[0], num_outputs=len(SEEDS), aspect_ratio="custom", width=WIDTH,
-                  height=HEIGHT, disable_safety_checker=True) | inputs  # fmt: skip
-    controls = [ControlInputs(*slot) for slot in slots]
-    return build_request(MODELS[key], **inputs, controls=controls, controlnets=CONTROL_TYPES)
+from testkit.control_recipes import (
+    SEEDS,
+    card_canny,
+    card_depth,
+    control_card_pipeline,
+    control_request,
+    photo,
+)
+from testkit.pixels import max_difference as difference
+from testkit.recipes import HEIGHT, PROMPT, WIDTH, run_card
 
 
 def flashsd_images(control_engines, key, slots, **inputs):
@@ -61,73 +30,9 @@ def flashsd_images(control_engines, key, slots, **inputs):
     return [g.image for g in control_engines(key).generate(control_request(key, slots, **inputs))]
 
 
-# -- the references, written independently of flashsd -------------------------------------------------------------
-
-
-def card_canny(image: Image.Image) -> Image.Image:
-    """The card's canny map, as its code makes it."""
-    image = np.array(image)
-    image = cv2.Canny(image, 100, 200)
-    image = image[:, :, None]
-    image = np.concatenate([image, image, image], axis=2)
-    return Image.fromarray(image)
-
-
-def card_depth(root, image: Image.Image) -> Image.Image:
-    """diffusers/controlnet-depth-sdxl-1.0's card's depth map, with Depth Anything V2 Small as the estimator."""
-    folder = root / "depth-anything/Depth-Anything-V2-Small-hf"
-    estimator = DepthAnythingForDepthEstimation.from_pretrained(folder)
-    processor = DPTImageProcessorPil.from_pretrained(folder)
-    pixels = processor(images=image, return_tensors="pt").pixel_values
-    with torch.no_grad():
-        depth_map = estimator(pixels).predicted_depth
-    depth_map = torch.nn.functional.interpolate(
-        depth_map.unsqueeze(1), size=(image.height, image.width), mode="bicubic", align_corners=False
-    )
-    depth_min = torch.amin(depth_map, dim=[1, 2, 3], keepdim=True)
-    depth_max = torch.amax(depth_map, dim=[1, 2, 3], keepdim=True)
-    depth_map = (depth_map - depth_min) / (depth_max - depth_min)
-    image = torch.cat([depth_map] * 3, dim=1)
-    image = image.permute(0, 2, 3, 1).cpu().numpy()[0]
-    return Image.fromarray((image * 255.0).clip(0, 255).astype(np.uint8))
-
-
-def card_pipeline(root, key, kinds, pipeline_class=None, styles=()):
-    """The card's recipe: the ControlNet pipeline from the base repo with the ControlNet(s), Flash LoRA loaded and
-    fused, LCM trailing. With style LoRAs `styles` ((file, scale) each), Jasper's recipe for them instead: every
-    adapter loaded unfused and weighted with set_adapters (as tests/test_loras.py's reference)."""
-    nets = [
-        ControlNetModel.from_pretrained(root / control.FAMILIES[key].controlnets[kind].id, variant="fp16")
-        for kind in kinds
-    ]
-    base = root / BASE[key]
-    extra = {"vae": AutoencoderKL.from_pretrained(root / "madebyollin/sdxl-vae-fp16-fix")} if key == "sdxl" else {}
-    if key == "sd15":
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline_class = pipeline_class or (
-        StableDiffusionXLControlNetPipeline if key == "sdxl" else StableDiffusionControlNetPipeline
-    )
-    pipe = pipeline_class.from_pretrained(
-        base, controlnet=nets[0] if len(nets) == 1 else nets, variant="fp16", torch_dtype=torch.float32, **extra
-    )
-    pipe.scheduler = LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
-    if styles:
-        pipe.load_lora_weights(root / LORA[key], adapter_name="flash")
-        for number, (style, _) in enumerate(styles):
-            pipe.load_lora_weights(style, adapter_name=f"style{number}")
-        pipe.set_adapters(["flash"] + [f"style{n}" for n in range(len(styles))], [1.0] + [s for _, s in styles])
-    else:
-        pipe.load_lora_weights(root / LORA[key])
-        pipe.fuse_lora()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_card(pipe, **call):
-    return pipe(**({"prompt": PROMPT} | call),
-        num_inference_steps=4, guidance_scale=0.0, num_images_per_prompt=len(SEEDS),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS],
-    ).images  # fmt: skip
+def card(key, root, kinds, pipeline=None, **call):
+    """The card's recipe's images for SEEDS (testkit/control_recipes.py)."""
+    return run_card(control_card_pipeline(key, root, kinds, pipeline), key, SEEDS, **call)
 
 
 # -- maps ------------------------------------------------------------------------------------------------------
@@ -135,19 +40,18 @@ def run_card(pipe, **call):
 
 def test_the_canny_map_is_the_cards():
     picture = photo()
-    ours, card = canny_map(picture), card_canny(picture)
+    ours, theirs = canny_map(picture), card_canny(picture)
     assert ours.mode == "RGB" and ours.size == picture.size
-    assert np.array_equal(np.asarray(ours), np.asarray(card))
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert 0 < np.asarray(ours).mean() < 255  # edges found, not everything
 
 
 def test_the_depth_map_is_the_depth_cards_normalisation_of_depth_anything(control_engines, tiny_weights):
     picture = photo()
     (ours,) = control_engines("sdxl").control_maps(control_request("sdxl", [("depth", picture)]))
-    card = card_depth(tiny_weights, picture)
     values = np.asarray(ours)
     assert ours.size == picture.size and values.min() == 0 and values.max() == 255  # min-max normalised
-    assert difference(ours, card) <= 1
+    assert difference(ours, card_depth(tiny_weights, picture)) <= 1
 
 
 def test_maps_are_made_from_the_photo_fitted_to_the_output_size(control_engines):
@@ -165,35 +69,35 @@ def test_maps_are_made_from_the_photo_fitted_to_the_output_size(control_engines)
 def test_text_to_image_with_a_canny_control_equals_the_cards_recipe(control_engines, tiny_weights):
     picture = photo()
     ours = flashsd_images(control_engines, "sdxl", [("canny", picture, 0.5)])
-    card = run_card(card_pipeline(tiny_weights, "sdxl", ["canny"]), image=card_canny(picture),
-                    controlnet_conditioning_scale=0.5)  # fmt: skip
+    theirs = card("sdxl", tiny_weights, ["canny"], image=card_canny(picture), controlnet_conditioning_scale=0.5)
     without = flashsd_images(control_engines, "sdxl", [])
-    assert difference(card[0], without[0]) > 10  # the control matters to the recipe
-    for mine, theirs in zip(ours, card, strict=True):
+    assert difference(theirs[0], without[0]) > 10  # the control matters to the recipe
+    for mine, reference in zip(ours, theirs, strict=True):
         assert mine.size == (WIDTH, HEIGHT)
-        assert difference(mine, theirs) <= 1
+        assert difference(mine, reference) <= 1
 
 
 def test_several_controls_equal_diffusers_multi_controlnet_call(control_engines, tiny_weights):
     first, second = photo(seed=1), photo(seed=2).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     ours = flashsd_images(control_engines, "sdxl", [("canny", first, 0.8), ("none",), ("depth", second, 1.3)])
-    card = run_card(
-        card_pipeline(tiny_weights, "sdxl", ["canny", "depth"]),
-        image=[card_canny(first), card_depth(tiny_weights, second)], controlnet_conditioning_scale=[0.8, 1.3],
+    theirs = card(
+        "sdxl", tiny_weights, ["canny", "depth"], image=[card_canny(first), card_depth(tiny_weights, second)],
+        controlnet_conditioning_scale=[0.8, 1.3],
     )  # fmt: skip
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
 def test_start_and_end_equal_diffusers_control_guidance_start_and_end(control_engines, tiny_weights):
     picture = photo()
     ours = flashsd_images(control_engines, "sdxl", [("canny", picture, 1.0, 0.3, 0.6)])
-    pipe = card_pipeline(tiny_weights, "sdxl", ["canny"])
-    card = run_card(pipe, image=card_canny(picture), control_guidance_start=0.3, control_guidance_end=0.6)
-    whole = run_card(pipe, image=card_canny(picture))
-    assert difference(card[0], whole[0]) > 1  # start/end change the recipe's image
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    pipe = control_card_pipeline("sdxl", tiny_weights, ["canny"])
+    theirs = run_card(pipe, "sdxl", SEEDS, image=card_canny(picture), controlnet_conditioning_scale=1.0,
+                      control_guidance_start=0.3, control_guidance_end=0.6)  # fmt: skip
+    whole = run_card(pipe, "sdxl", SEEDS, image=card_canny(picture), controlnet_conditioning_scale=1.0)
+    assert difference(theirs[0], whole[0]) > 1  # start/end change the recipe's image
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
 @pytest.mark.parametrize("kind", ["canny", "depth"])
@@ -201,21 +105,20 @@ def test_flash_sd_with_a_control_equals_diffusers_controlnet_pipeline(control_en
     picture = photo(seed=3)
     ours = flashsd_images(control_engines, "sd15", [(kind, picture)])
     control_map = card_canny(picture) if kind == "canny" else card_depth(tiny_weights, picture)
-    card = run_card(card_pipeline(tiny_weights, "sd15", [kind]), image=control_map, controlnet_conditioning_scale=0.75)
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    theirs = card("sd15", tiny_weights, [kind], image=control_map, controlnet_conditioning_scale=0.75)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
 def test_image_to_image_with_a_control_equals_diffusers_controlnet_img2img(control_engines, tiny_weights):
     start, structure = photo(seed=4), photo(seed=5)
     ours = flashsd_images(control_engines, "sdxl", [("canny", structure)], image=start, prompt_strength=0.75)
-    card = run_card(
-        card_pipeline(tiny_weights, "sdxl", ["canny"], StableDiffusionXLControlNetImg2ImgPipeline),
-        image=[start] * len(SEEDS), control_image=card_canny(structure), strength=0.75, width=WIDTH, height=HEIGHT,
-        controlnet_conditioning_scale=0.75,
+    theirs = card(
+        "sdxl", tiny_weights, ["canny"], "StableDiffusionXLControlNetImg2ImgPipeline", image=[start] * len(SEEDS),
+        control_image=card_canny(structure), strength=0.75, controlnet_conditioning_scale=0.75,
     )  # fmt: skip
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
 def test_inpainting_with_a_control_equals_diffusers_controlnet_inpainting(control_engines, tiny_weights):
@@ -223,16 +126,16 @@ def test_inpainting_with_a_control_equals_diffusers_controlnet_inpainting(contro
     mask = Image.new("L", (WIDTH, HEIGHT), 0)
     mask.paste(255, (32, 16, 96, 80))
     ours = flashsd_images(control_engines, "sd15", [("canny", structure)], image=start, mask=mask, prompt_strength=1)
-    card = run_card(
-        card_pipeline(tiny_weights, "sd15", ["canny"], StableDiffusionControlNetInpaintPipeline),
-        image=[start] * len(SEEDS), mask_image=[mask] * len(SEEDS), control_image=card_canny(structure),
-        strength=1.0, width=WIDTH, height=HEIGHT, controlnet_conditioning_scale=0.75,
+    theirs = card(
+        "sd15", tiny_weights, ["canny"], "StableDiffusionControlNetInpaintPipeline", image=[start] * len(SEEDS),
+        mask_image=[mask] * len(SEEDS), control_image=card_canny(structure), strength=1.0,
+        controlnet_conditioning_scale=0.75,
     )  # fmt: skip
     without = flashsd_images(control_engines, "sd15", [], image=start, mask=mask, prompt_strength=1)
     assert difference(ours[0], without[0]) > 10  # the control acts in the repainted area
-    for mine, theirs in zip(ours, card, strict=True):
+    for mine, reference in zip(ours, theirs, strict=True):
         # flashsd keeps the input's own pixels outside the mask (README: inpainting); so is the reference read
-        assert difference(mine, Image.composite(theirs, start, mask)) <= 1
+        assert difference(mine, Image.composite(reference, start, mask)) <= 1
 
 
 def test_conditioning_scale_zero_gives_the_image_without_control(control_engines):

@@ -4,9 +4,6 @@ the maps are made, a failure inside a ControlNet, and the metadata. Tiny random-
 
 from __future__ import annotations
 
-import json
-import re
-
 import pytest
 import torch
 from PIL import Image
@@ -15,10 +12,18 @@ from flashsd import errors
 from flashsd.engine import GeneratedImage
 from flashsd.images import write_outputs
 from flashsd.models import MODELS
+from testkit.control_recipes import (
+    SEEDS,
+    a1111_controlnet_units,
+    card_canny,
+    control_card_pipeline,
+    control_request,
+    photo,
+)
 from testkit.lora_files import write_lora
 from testkit.lora_server import LoraServer
-from tests.test_control import PROMPT, card_canny, card_pipeline, control_request, difference, photo, run_card
-from tests.test_prompts import a1111_emphasis
+from testkit.pixels import max_difference as difference
+from testkit.recipes import PROMPT, a1111_emphasis, run_card
 
 KEY = "sd15"  # the cheapest family with ControlNets; SDXL's own recipes are in tests/test_control.py
 
@@ -43,8 +48,8 @@ def test_a_style_lora_with_a_control_gives_the_two_adapter_recipe_with_the_contr
 ):
     engine, picture = control_engines(KEY), photo(seed=8)
     style = write_lora(tmp_path / "style.safetensors", tiny_weights, KEY, "diffusers", seed=11)
-    reference = card_pipeline(tiny_weights, KEY, ["canny"], styles=[(style, 0.8)])
-    expected = run_card(reference, image=card_canny(picture), controlnet_conditioning_scale=0.75)
+    reference = control_card_pipeline(KEY, tiny_weights, ["canny"], styles=[(style, 0.8)])
+    expected = run_card(reference, KEY, SEEDS, image=card_canny(picture), controlnet_conditioning_scale=0.75)
     with LoraServer() as server:
         url = server.add("/style.safetensors", style.read_bytes())
         try:
@@ -61,7 +66,7 @@ def test_a_weighted_prompt_with_a_control_gives_diffusers_controlnet_pipeline_fe
     control_engines, tiny_weights
 ):
     engine, picture = control_engines(KEY), photo(seed=9)
-    reference = card_pipeline(tiny_weights, KEY, ["canny"])
+    reference = control_card_pipeline(KEY, tiny_weights, ["canny"])
     # A1111's emphasis written independently of flashsd (tests/test_prompts.py): the plain prompt's CLIP states,
     # the "lighthouse" tokens x 4, rescaled to the unweighted mean.
     plain = reference.encode_prompt(PROMPT, torch.device("cpu"), 1, False)[0]
@@ -70,8 +75,8 @@ def test_a_weighted_prompt_with_a_control_gives_diffusers_controlnet_pipeline_fe
     weights = torch.ones(plain.shape[1])
     weights[first : first + len(tokenizer("lighthouse", add_special_tokens=False).input_ids)] = 4.0
     embeds = a1111_emphasis(plain[0], weights)[None].float()
-    expected = run_card(reference, prompt_embeds=embeds, image=card_canny(picture), controlnet_conditioning_scale=0.75,
-                        prompt=None)  # fmt: skip
+    expected = run_card(reference, KEY, SEEDS, prompt=None, prompt_embeds=embeds, image=card_canny(picture),
+                        controlnet_conditioning_scale=0.75)  # fmt: skip
     weighted = images(engine, control_request(KEY, [("canny", picture)], prompt="a (lighthouse:4) at dawn"))
     unweighted = images(engine, control_request(KEY, [("canny", picture)]))
     assert difference(weighted[0], unweighted[0]) > 1  # the weight acts
@@ -175,20 +180,6 @@ def test_a_failure_inside_a_controlnet_puts_it_back_and_the_next_prediction_is_u
 
 
 # -- metadata ------------------------------------------------------------------------------------------------------
-
-# A1111's infotext parsing (modules/infotext_utils.py): `Key: value` pairs, a value JSON-quoted when it holds a comma.
-A1111_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def a1111_controlnet_units(parameters: str) -> dict[str, dict[str, str]]:
-    """The ControlNet units of an image's parameters, read as A1111 and its ControlNet extension read them (the
-    extension's parse_unit: items split on ',', each split on ': ')."""
-    found = {}
-    for key, value in A1111_PARAMETER.findall(parameters.splitlines()[-1]):
-        if key.startswith("ControlNet "):
-            value = json.loads(value) if value.startswith('"') else value
-            found[key] = dict(item.strip().split(": ") for item in value.split(","))
-    return found
 
 
 def test_the_metadata_names_each_control_as_a1111s_controlnet_extension_writes_it(tmp_path):

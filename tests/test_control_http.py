@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from testkit.cog_server import decode_data_url, tiny_server
-from tests.test_control import photo
-from tests.test_control_engine import a1111_controlnet_units
+from testkit.control_recipes import a1111_controlnet_units, photo
 
 SMALL = {"aspect_ratio": "custom", "width": 64, "height": 64, "disable_safety_checker": True, "output_format": "png"}
 

@@ -70,7 +70,7 @@ def test_a_request_whose_images_are_all_flagged_fails_alone(engines, monkeypatch
     def flag_seed_2(images):
         return [bool(np.abs(pixels(image) - alone[2]).max() <= 1) for image in images]
 
-    monkeypatch.setattr(engine.safety_checker, "flags", flag_seed_2)
+    monkeypatch.setattr(engine.safety_checker, "compvis_flags", flag_seed_2)  # the second opinion confirms
     first, second, third = engine.generate_batch(requests, [Lines(), Lines(), Lines()])
     assert isinstance(second, ImagesFlagged)
     assert [g.seed for g in first] == [1] and [g.seed for g in third] == [3]
@@ -131,7 +131,7 @@ def test_each_prediction_of_a_shared_call_is_screened_by_its_own_setting(engines
         screened.append(len(images))
         return [True] * len(images)
 
-    monkeypatch.setattr(engine.safety_checker, "flags", flag_everything)
+    monkeypatch.setattr(engine.safety_checker, "compvis_flags", flag_everything)  # the second opinion confirms
     first, second = engine.generate_batch([checked, unchecked], [Lines(), Lines()])
     assert isinstance(first, ImagesFlagged)  # screened, and every image flagged
     assert [g.seed for g in second] == [2] and screened == [1]  # never screened

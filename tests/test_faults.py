@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import logging
 import os
 import pickle
@@ -36,18 +35,11 @@ from flashsd.models import MODELS
 from flashsd.recovery import OutOfMemory, is_out_of_memory
 from flashsd.request import MAX_PROMPT_CHARS, build_request
 from flashsd.runtime import Runtime
-from flashsd.weights import repo_dir, safetensors_problem
+from flashsd.weights import safetensors_problem
 from testkit.fake_hub import FakeHub, _Handler, closed_port
-from tests.test_weights import (  # noqa: F401 - fixtures
-    ADAPTER_FILES,
-    ADAPTER_REV,
-    BASE_REV,
-    Log,
-    base_files,
-    big,
-    hf_env,
-    tiny_model,
-)
+from testkit.fake_model import ADAPTER_FILES, ADAPTER_REV, BASE_REV, Log, tiny_model
+from testkit.predictors import predictor_inputs
+from testkit.weight_files import adapter_file, copy_model, denoiser_file, truncate
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 SMALL = dict(aspect_ratio="custom", width=64, height=64)
@@ -58,14 +50,6 @@ CUDA_OOM = (
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-
-
-def predictor_defaults() -> dict:
-    """predict()'s Input defaults: coglet resolves them, a direct call must pass every argument."""
-    from predict import Predictor
-
-    parameters = list(inspect.signature(Predictor.predict).parameters.values())[1:]
-    return {p.name: getattr(p.default, "default", p.default) for p in parameters}
 
 
 def new_predictor(monkeypatch, root: Path, key: str):
@@ -90,9 +74,8 @@ class Loaded:
         previous = tempfile.tempdir
         tempfile.tempdir = str(self.tmp)
         try:
-            return asyncio.run(
-                self.predictor.predict(**{**predictor_defaults(), **SMALL, "prompt": "a lighthouse at dawn", **inputs})
-            )
+            inputs = predictor_inputs(type(self.predictor), **(SMALL | {"prompt": "a lighthouse at dawn"} | inputs))
+            return asyncio.run(self.predictor.predict(**inputs))
         finally:
             tempfile.tempdir = previous
 
@@ -198,7 +181,7 @@ def test_out_of_memory_mid_denoising_says_what_to_lower_frees_memory_and_the_nex
     assert "CUDA out of memory" not in message and "Traceback" not in message
     assert hook_state(run.engine) == hooks_before
     scheduler = run.engine.pipe.scheduler
-    assert getattr(scheduler, "_generators", None) is None and scheduler.step_index is None
+    assert getattr(scheduler, "_generators", None) is None
     after = run.pixels(seed=7)
     assert all(np.array_equal(a, b) for a, b in zip(after, baseline, strict=True))
 
@@ -249,6 +232,26 @@ def test_other_errors_propagate_unchanged_and_the_engine_is_restored(loaded):
     finally:
         handle.remove()
     assert all(np.array_equal(a, b) for a, b in zip(run.pixels(seed=5), baseline, strict=True))
+
+
+@pytest.mark.parametrize("key", ["sd15", "sd3"])  # LCMScheduler, the Flash flow-match scheduler
+def test_a_failure_mid_way_through_an_image_to_image_call_leaves_the_next_calls_unchanged(loaded, tmp_path, key):
+    """The scheduler is left part-way (image-to-image starts at a begin index; the failure lands after a step):
+    the next calls, text-to-image and image-to-image, run their whole schedule as before."""
+    run = loaded(key)
+    image = tmp_path / "input.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
+    from_image = dict(seed=4, image=image, prompt_strength=0.8)  # 3 of the 4 steps: begin index 1
+    baseline, baseline_from_image = run.pixels(seed=4), run.pixels(**from_image)
+    denoiser = getattr(run.engine.pipe, run.engine.model.denoiser)
+    handle = hooked(denoiser, FailOnCall(ValueError("a bug"), on_call=3))  # after the first two steps
+    try:
+        with pytest.raises(ValueError, match="a bug"):
+            run.predict(**from_image)
+    finally:
+        handle.remove()
+    assert all(np.array_equal(a, b) for a, b in zip(run.pixels(seed=4), baseline, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(run.pixels(**from_image), baseline_from_image, strict=True))
 
 
 # -- cancellation ------------------------------------------------------------------------------------------------
@@ -367,30 +370,6 @@ def offline(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-
-
-def copy_model(src: Path, dst: Path, key: str) -> Path:
-    for repo in MODELS[key].repos:
-        shutil.copytree(repo_dir(src, repo), repo_dir(dst, repo), dirs_exist_ok=True)
-    return dst
-
-
-def denoiser_file(root: Path, key: str) -> Path:
-    model = MODELS[key]
-    return next(
-        repo_dir(root, model.base) / f
-        for f in model.base.files
-        if f.startswith(f"{model.denoiser}/") and f.endswith(".safetensors")
-    )
-
-
-def adapter_file(root: Path, key: str) -> Path:
-    model = MODELS[key]
-    return repo_dir(root, model.adapter) / next(f for f in model.adapter.files if f.endswith(".safetensors"))
-
-
-def truncate(path: Path) -> None:
-    os.truncate(path, path.stat().st_size // 2)
 
 
 def scramble_header(path: Path) -> None:

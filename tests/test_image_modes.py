@@ -14,18 +14,11 @@ from flashsd.images import write_outputs
 from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.runtime import Runtime
+from testkit.pixels import max_difference, pixels
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 IMAGE_MODELS = [key for key, model in MODELS.items() if model.img2img_pipeline and model.inpaint_pipeline]
 SIZE = dict(aspect_ratio="custom", width=96, height=64)
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB")).astype(np.int16)
-
-
-def max_difference(a, b) -> int:
-    return int(np.abs(pixels(a) - pixels(b)).max())
 
 
 def source_image() -> Image.Image:

@@ -11,16 +11,8 @@ import logging
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    LCMScheduler,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -29,49 +21,25 @@ from flashsd import loras
 from flashsd.engine import Engine
 from flashsd.errors import InputError
 from flashsd.images import write_outputs
-from flashsd.loras import LoraError, StateDicts, StyleLoras
+from flashsd.loras import LoraError
+from flashsd.loras.cache import FOLDER, Loaded, StateDicts
+from flashsd.loras.header import Header, read_header
 from flashsd.models import MODELS
 from flashsd.request import build_request, parse_lora_source
 from flashsd.runtime import Runtime
-from flashsd.schedulers import FlashFlowMatchEulerDiscreteScheduler
-from flashsd.settings import LoraSettings
 from testkit.fake_hub import FakeHub
-from testkit.lora_files import addnet_hash, write_lora, write_pickle, write_real_shaped
+from testkit.lora_files import addnet_hash, write_pickle, write_real_shaped
 from testkit.lora_server import LoraServer
-from tests.test_weights import hf_env  # noqa: F401 - fixture
+from testkit.pixels import max_difference
+from testkit.recipes import card_pipeline, run_card
+from testkit.style_loras import FILES, fresh_loras, same_weights, style, weights_of_manager
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 SMALL = dict(aspect_ratio="custom", width=64, height=64, disable_safety_checker=True, seed=1234)
 PROMPT = "a lighthouse at dawn"
-# (model, format, fixture seed): every format for the UNet families, with text-encoder layers.
-FILES = {
-    "sd15-kohya": ("sd15", "kohya", 0), "sd15-diffusers": ("sd15", "diffusers", 1),
-    "sd15-diffusers-plain": ("sd15", "diffusers-plain", 2), "sd15-unet-only": ("sd15", "kohya", 3),
-    "sdxl-kohya": ("sdxl", "kohya", 0), "sdxl-diffusers": ("sdxl", "diffusers", 1),
-    "sd3-diffusers": ("sd3", "diffusers", 0), "sd3-diffusers-plain": ("sd3", "diffusers-plain", 1),
-    # attention layers only (UNet and CLIP): cheaper to load, for the 1000 swaps
-    "swap-kohya": ("sd15", "kohya", 4), "swap-diffusers": ("sd15", "diffusers", 5), "swap-plain": ("sd15", "diffusers-plain", 6),
-}  # fmt: skip
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lora_file(tiny_weights, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lora-files")
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            key, fmt, seed = FILES[name]
-            made[name] = write_lora(folder / f"{name}.safetensors", tiny_weights, key, fmt, seed=seed,
-                                    text_encoders=name != "sd15-unet-only",
-                                    targets=ATTENTION if name.startswith("swap-") else None)  # fmt: skip
-        return made[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +76,6 @@ def generate(engine: Engine, **inputs):
     return engine.generate(build_request(engine.model, prompt=PROMPT, **(SMALL | inputs)))
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB")).astype(np.int16)
-
-
-def max_difference(a, b) -> int:
-    return int(np.abs(pixels(a) - pixels(b)).max())
-
-
 def weights_of(engine: Engine) -> dict[str, torch.Tensor]:
     """Every parameter the style LoRAs may touch, copied."""
     return {
@@ -123,69 +83,6 @@ def weights_of(engine: Engine) -> dict[str, torch.Tensor]:
         for name, module in engine.loras.components().items()
         for key, value in module.state_dict().items()
     }
-
-
-def same_weights(a: dict, b: dict) -> list[str]:
-    """The names whose values differ (bit for bit), or that only one side has."""
-    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
-
-
-# -- Jasper's recipe, with plain diffusers -----------------------------------------------------------------------
-
-
-def jaspers_recipe(key: str, root: Path, styles: list[tuple[Path, float]]):
-    """The Flash README's LoRA recipe written out with plain diffusers: the Flash adapter and each style LoRA
-    loaded as separate adapters, unfused, combined with set_adapters(["flash", ...], [1.0, scale, ...])."""
-
-    def lcm(base):
-        return LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
-
-    if key == "sdxl":
-        base = root / "stabilityai/stable-diffusion-xl-base-1.0"
-        vae = AutoencoderKL.from_pretrained(root / "madebyollin/sdxl-vae-fp16-fix")
-        pipe = StableDiffusionXLPipeline.from_pretrained(base, vae=vae, variant="fp16", torch_dtype=torch.float32)
-        pipe.scheduler = lcm(base)
-        pipe.load_lora_weights(root / "jasperai/flash-sdxl", adapter_name="flash")
-    elif key == "sd15":
-        base = root / "stable-diffusion-v1-5/stable-diffusion-v1-5"
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base, variant="fp16", torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.scheduler = lcm(base)
-        pipe.load_lora_weights(root / "jasperai/flash-sd", adapter_name="flash")
-    else:
-        base = root / "stabilityai/stable-diffusion-3-medium-diffusers"
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            base, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
-        )
-        pipe.scheduler = FlashFlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
-        # The Flash SD3 PEFT adapter as a diffusers adapter: its keys without peft's prefix, its rank and alpha
-        # from its adapter_config.json.
-        flash = root / "jasperai/flash-sd3"
-        config = json.loads((flash / "adapter_config.json").read_text())
-        weights = {
-            k.removeprefix("base_model.model."): v for k, v in load_file(flash / "adapter_model.safetensors").items()
-        }
-        metadata = {name: config[name] for name in ("r", "lora_alpha", "target_modules")}
-        pipe.transformer.load_lora_adapter(weights, prefix=None, adapter_name="flash", metadata=metadata)
-    names = ["flash"]
-    for i, (path, _) in enumerate(styles):
-        pipe.load_lora_weights(str(path), adapter_name=f"style{i}")
-        names.append(f"style{i}")
-    pipe.set_adapters(names, [1.0] + [scale for _, scale in styles])
-    return pipe
-
-
-def run_recipe(pipe, key: str, seed: int = 1234):
-    generators = [torch.Generator("cpu").manual_seed(seed)]
-    arguments = dict(
-        prompt=PROMPT, width=64, height=64, num_inference_steps=4, guidance_scale=0.0, generator=generators
-    )
-    if key == "sd3":
-        with pipe.scheduler.noise_generators(generators):
-            return pipe(**arguments).images[0]
-    return pipe(**arguments).images[0]
 
 
 # -- 1. the recipe's images, fused -------------------------------------------------------------------------------
@@ -203,7 +100,8 @@ def test_a_style_lora_gives_jaspers_two_adapter_recipe_within_one_level(
     e = engine(key)
     without = generate(e)[0].image
     (styled,) = generate(e, lora_weights=url(name), lora_scale=scale)
-    reference = run_recipe(jaspers_recipe(key, tiny_weights, [(lora_file(name), scale)]), key)
+    recipe = card_pipeline(key, tiny_weights, fuse=False, styles=[(lora_file(name), scale)])
+    (reference,) = run_card(recipe, key, [1234], width=64, height=64)
     assert max_difference(styled.image, without) > 10  # the LoRA matters: the comparison below is not vacuous
     assert max_difference(styled.image, reference) <= 1
 
@@ -214,7 +112,8 @@ def test_two_loras_at_once_give_the_recipe_with_three_adapters(engine, url, lora
     (both,) = generate(e, lora_weights=url("sdxl-diffusers"), lora_scale=0.8, extra_lora=url("sdxl-kohya"),
                        extra_lora_scale=1.5)  # fmt: skip
     styles = [(lora_file("sdxl-diffusers"), 0.8), (lora_file("sdxl-kohya"), 1.5)]
-    reference = run_recipe(jaspers_recipe("sdxl", tiny_weights, styles), "sdxl")
+    recipe = card_pipeline("sdxl", tiny_weights, fuse=False, styles=styles)
+    (reference,) = run_card(recipe, "sdxl", [1234], width=64, height=64)
     assert max_difference(both.image, one.image) > 10
     assert max_difference(both.image, reference) <= 1
     assert [(a.name, a.scale) for a in both.loras] == [("sdxl-diffusers", 0.8), ("sdxl-kohya", 1.5)]
@@ -240,7 +139,7 @@ def test_a_lora_loads_the_modules_the_header_check_predicted(tiny_weights, lora_
 
     from flashsd.adapter import check_fit, read_lora_layers
 
-    pipe = jaspers_recipe("sdxl", tiny_weights, [(lora_file("sdxl-kohya"), 1.0)])
+    pipe = card_pipeline("sdxl", tiny_weights, fuse=False, styles=[(lora_file("sdxl-kohya"), 1.0)])
     layers = read_lora_layers(lora_file("sdxl-kohya"))
     assert any(module.startswith("input_blocks_") for _, module in layers)  # the SGM names are there
     for component, module in (("denoiser", pipe.unet), ("text_encoder", pipe.text_encoder),
@@ -298,22 +197,12 @@ def test_another_scale_of_the_same_lora_is_the_recipe_at_that_scale(engine, url,
     e = engine("sd15")
     generate(e, lora_weights=url("sd15-kohya"), lora_scale=2.0)
     (styled,) = generate(e, lora_weights=url("sd15-kohya"), lora_scale=0.5)
-    reference = run_recipe(jaspers_recipe("sd15", tiny_weights, [(lora_file("sd15-kohya"), 0.5)]), "sd15")
+    recipe = card_pipeline("sd15", tiny_weights, fuse=False, styles=[(lora_file("sd15-kohya"), 0.5)])
+    (reference,) = run_card(recipe, "sd15", [1234], width=64, height=64)
     assert max_difference(styled.image, reference) <= 1
 
 
 # -- 3. the caches -----------------------------------------------------------------------------------------------
-
-
-def fresh_loras(root: Path, tiny_weights: Path, **settings) -> StyleLoras:
-    """StyleLoras on a freshly loaded tiny SD1.5, its cache under `root`."""
-    engine = Engine.load(MODELS["sd15"], tiny_weights, CPU32)
-    values = dict(cache_bytes=10**9, max_file_bytes=10**9, memory_bytes=10**9, timeout_s=5.0) | settings
-    return StyleLoras(engine.model, engine.pipe, root, LoraSettings(**values))
-
-
-def style(source: str, scale: float = 1.0, input: str = "lora_weights") -> loras.StyleLora:
-    return loras.StyleLora(input, parse_lora_source(source, input), scale)
 
 
 def test_a_lora_is_downloaded_once_and_switching_back_reads_no_file(tmp_path, tiny_weights, lora_file):
@@ -324,15 +213,11 @@ def test_a_lora_is_downloaded_once_and_switching_back_reads_no_file(tmp_path, ti
         manager.apply([style(a)])
         after_a = weights_of_manager(manager)
         manager.apply([style(b)])
-        for f in (tmp_path / loras.FOLDER).glob("*.safetensors"):  # from here on only memory can serve them
+        for f in (tmp_path / FOLDER).glob("*.safetensors"):  # from here on only memory can serve them
             f.unlink()
         manager.apply([style(a)])
         assert server.gets("/a.safetensors") == 1 and server.gets("/b.safetensors") == 1
         assert same_weights(after_a, weights_of_manager(manager)) == []  # the cached state dict was not altered
-
-
-def weights_of_manager(manager: StyleLoras) -> dict:
-    return {f"{n}.{k}": v.detach().clone() for n, m in manager.components().items() for k, v in m.state_dict().items()}
 
 
 def test_a_new_container_finds_the_file_in_the_disk_cache(tmp_path, tiny_weights, lora_file):
@@ -355,9 +240,9 @@ def test_the_disk_cache_evicts_the_least_recently_used_files_beyond_its_bound(tm
             manager.apply([style(urls[n])])
             manager.apply(())
         manager.apply([style(urls["sd15-unet-only"])])  # one must go: the least recently used
-        cached = {json.loads(p.read_text())["name"] for p in (tmp_path / loras.FOLDER).glob("*.json")}
+        cached = {json.loads(p.read_text())["name"] for p in (tmp_path / FOLDER).glob("*.json")}
         assert cached == {"sd15-kohya", "sd15-diffusers-plain", "sd15-unet-only"}
-        assert sum(p.stat().st_size for p in (tmp_path / loras.FOLDER).glob("*.safetensors")) <= bound
+        assert sum(p.stat().st_size for p in (tmp_path / FOLDER).glob("*.safetensors")) <= bound
         manager.apply([style(urls["sd15-kohya"])])
         assert server.gets("/sd15-kohya.safetensors") == 1 and server.gets("/sd15-diffusers.safetensors") == 1
 
@@ -365,8 +250,8 @@ def test_the_disk_cache_evicts_the_least_recently_used_files_beyond_its_bound(tm
 def test_the_memory_cache_keeps_the_most_recent_state_dicts_within_its_bound():
     cache = StateDicts(bound=250)
 
-    def entry(nbytes: int) -> loras.Loaded:
-        return loras.Loaded({"w": torch.zeros(1)}, loras.Header({}, {}), "x", "", nbytes)
+    def entry(nbytes: int) -> Loaded:
+        return Loaded({"w": torch.zeros(1)}, Header({}, {}), "x", "", nbytes)
 
     for key in "abc":
         cache.put(key, entry(100))
@@ -385,7 +270,7 @@ def test_an_interrupted_download_is_never_used_and_the_next_one_starts_afresh(tm
         manager = fresh_loras(tmp_path, tiny_weights)
         with pytest.raises(LoraError, match="interrupted after .* nothing was kept: try again"):
             manager.apply([style(cut)])
-        assert list((tmp_path / loras.FOLDER).iterdir()) == []  # no partial file, no record
+        assert list((tmp_path / FOLDER).iterdir()) == []  # no partial file, no record
         server.add("/cut.safetensors", data)
         manager.apply([style(cut)])
         assert server.gets("/cut.safetensors") == 2
@@ -467,10 +352,10 @@ def test_a_failure_on_the_second_lora_leaves_the_first_predictions_loras_in_plac
     [("/missing", 1000, dict(status=404), "answered HTTP 404 (not found)"),
      ("/private", 1000, dict(status=401), "answered HTTP 401 (not authorized)"),
      ("/busy", 1000, dict(status=503), "answered HTTP 503"),
-     ("/huge", 1000, dict(announce=10**12), "is 1000.00 GB, more than the 2.0 MB a LoRA file may have here (FLASHSD_LORA_MAX_GB)"),
-     ("/huge-stream", 3_000_000, dict(chunked=True), "more than the 2.0 MB a LoRA file may have here"),
+     ("/huge", 1000, dict(announce=10**12), "is 1.00TB, more than the 2.00MB a LoRA file may have here (FLASHSD_LORA_MAX_GB)"),
+     ("/huge-stream", 3_000_000, dict(chunked=True), "more than the 2.00MB a LoRA file may have here"),
      ("/stall", 1000, dict(stall=True), "answered nothing for 1 s"),
-     ("/cut", 100_000, dict(drop_after=1000), "interrupted after 1.0 KB of 100.0 KB")],
+     ("/cut", 100_000, dict(drop_after=1000), "interrupted after 1.00kB of 100kB")],
 )  # fmt: skip
 def test_download_failures_say_what_to_do_and_leave_no_file(
     tmp_path, tiny_weights, caplog, route, size, fault, message
@@ -484,7 +369,7 @@ def test_download_failures_say_what_to_do_and_leave_no_file(
     assert message in str(caught.value), caught.value
     assert "HTTP Request: GET" in caplog.text  # httpx2's request line is there, without the key
     assert "secret-key-123" not in str(caught.value) + caplog.text
-    assert [p.name for p in (tmp_path / loras.FOLDER).iterdir()] == []
+    assert [p.name for p in (tmp_path / FOLDER).iterdir()] == []
 
 
 def test_an_unreachable_host_is_said_in_seconds(tmp_path, tiny_weights):
@@ -764,7 +649,7 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_
     while header_length(padding) & 0xFFFF != 0x0280:  # the serializer pads the header to 8 bytes: nudge
         padding -= 1
     assert path.read_bytes()[:2] == b"\x80\x02"
-    header = loras.read_header(path, "lora_weights", "padded.safetensors")
+    header = read_header(path, "lora_weights", "padded.safetensors")
     assert header.layers and header.metadata["pad"] == "x" * padding
 
 

@@ -4,7 +4,7 @@ LoRA files are served over 127.0.0.1 by testkit/lora_server.py, Hugging Face rep
 (HF_ENDPOINT), both in the formats users bring (testkit/lora_files.py). Every format, two LoRAs at once and a hub
 repo give Jasper's recipe; every failure ends only its own prediction, with a message naming the input, and the next
 predictions equal those the same container made before it saw any failure (a container that never saw it).
-Cancels during a download, a load and a fuse use tests/slow_lora_predictor.py.
+Cancels during a download, a load and a fuse use testkit/predictors/slow_lora.py.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import requests
 
-from bench.fuzz_http import server_root, wait_ready, worker_pid
 from flashsd.models import MODELS
 from flashsd.weights import repo_dir
-from testkit.cog_server import CogServer, decode_data_url
+from testkit.cog_server import CogServer, decode_data_url, server_root, wait_ready, worker_pid
 from testkit.fake_hub import FakeHub, closed_port
 from testkit.lora_files import write_lora, write_pickle, write_real_shaped
 from testkit.lora_server import LoraServer
-from tests.test_loras import jaspers_recipe, run_recipe
+from testkit.recipes import card_pipeline, run_card
 
 SMALL = {"prompt": "a lighthouse at dawn", "aspect_ratio": "custom", "width": 64, "height": 64, "seed": 1234,
          "disable_safety_checker": True, "output_format": "png"}  # fmt: skip
@@ -155,7 +154,8 @@ def test_every_format_and_two_loras_at_once_give_jaspers_recipe_over_http(world,
     sent = {k: (v.removeprefix("hub:") if v.startswith("hub:") else world.url(v)) if isinstance(v, str) else v
             for k, v in inputs.items()}  # fmt: skip
     (image,) = succeeded(world.server, **sent)
-    reference = run_recipe(jaspers_recipe("sdxl", tiny_weights, [(world.lora[n], s) for n, s in styles]), "sdxl")
+    recipe = card_pipeline("sdxl", tiny_weights, fuse=False, styles=[(world.lora[n], s) for n, s in styles])
+    (reference,) = run_card(recipe, "sdxl", [1234], width=64, height=64)
     assert int(np.abs(image - np.asarray(reference.convert("RGB")).astype(np.int16)).max()) <= 1
     assert int(np.abs(image - world.baseline["plain"][0]).max()) > 10  # the LoRA changed the image
     for name in {n for n, _ in styles if not str(inputs.get("lora_weights", "")).startswith("hub:")}:
@@ -190,8 +190,8 @@ FAILURES = {  # case: (input, what the error says)
     "web page": ("lora_weights", "sent a web page, not a LoRA file"),
     "SD1.5 LoRA": ("lora_weights", "is a LoRA for SD1.5; this model is Flash SDXL, which takes SDXL LoRAs"),
     "not fitting": ("extra_lora", "does not fit Flash SDXL"),
-    "too large, announced": ("lora_weights", "more than the 2.0 MB a LoRA file may have here (FLASHSD_LORA_MAX_GB)"),
-    "too large, streamed": ("lora_weights", "more than the 2.0 MB a LoRA file may have here"),
+    "too large, announced": ("lora_weights", "more than the 2.00MB a LoRA file may have here (FLASHSD_LORA_MAX_GB)"),
+    "too large, streamed": ("lora_weights", "more than the 2.00MB a LoRA file may have here"),
     "401": ("lora_weights", "answered HTTP 401 (not authorized)"),
     "404": ("extra_lora", "answered HTTP 404 (not found): check the URL"),
     "timeout": ("lora_weights", "answered nothing for 2 s"),
@@ -268,7 +268,7 @@ def test_the_hugging_face_token_never_appears_in_logs_outputs_or_files(world):
 def slow_world(tiny_weights, tmp_path_factory):
     switch = tmp_path_factory.mktemp("slow-switch") / "mode"
     w = start_world(tiny_weights, tmp_path_factory, "lora-http-slow", {"FLASHSD_TEST_SLOW": str(switch)},
-                    stub="tests/slow_lora_predictor.py:SlowLoraPredictor")  # fmt: skip
+                    stub="testkit/predictors/slow_lora.py:SlowLoraPredictor")  # fmt: skip
     w.switch = switch
     try:
         yield w

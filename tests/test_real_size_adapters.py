@@ -32,6 +32,7 @@ from testkit.real_size import (
     safetensors_header,
     write_real_size_adapter,
 )
+from testkit.recipes import base_pipeline
 from testkit.tiny_repos import (
     FLASH_LORA_RANK,
     FLASH_PEFT_TARGETS,
@@ -42,7 +43,6 @@ from testkit.tiny_repos import (
     pixart_adapter_naming,
     write_pixart_adapter,
 )
-from tests.test_tiny_repos import load_pipeline
 
 LORA_KEY = re.compile(r"^unet\.(.+)\.lora\.(down|up)\.weight$")
 PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
@@ -129,7 +129,7 @@ def test_tiny_lora_files_are_in_the_real_format(tiny_weights, key):
 
 @pytest.mark.parametrize("key", ["sdxl", "sd15"])
 def test_diffusers_loads_every_layer_of_the_tiny_lora_files(tiny_weights, key):
-    pipe = load_pipeline(tiny_weights, key)
+    pipe = base_pipeline(key, tiny_weights)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.load_lora_weights(tiny_weights / MODELS[key].adapter.id, adapter_name="flash")
     held = file_layers(_adapter_file(tiny_weights, key))

@@ -2,10 +2,10 @@
 
 A Cog worker that dies is never restarted, so every request here must end as a 4xx with a clear message, a
 failed prediction whose error names the input, or a success, with /health-check READY afterwards and the same
-worker process throughout. Covered: a schema-driven fuzz of 500+ requests (bench/fuzz_http.py), cancellation
+worker process throughout. Covered: a schema-driven fuzz of 500+ requests (testkit/fuzz.py), cancellation
 between denoising steps, requests beyond capacity (409), a soak with memory / open-file / temp-file bounds
-(bench/soak.py), an out-of-memory error inside the worker (tests/oom_predictor.py), setup failures from bad
-weights, and a full download-and-predict run checked for the Hugging Face token.
+(testkit/soak.py), an out-of-memory error inside the worker (testkit/predictors/oom.py), setup failures from
+bad weights, and a full download-and-predict run checked for the Hugging Face token.
 
 The servers run tiny random-weight models (testkit/tiny_repos.py) from a private working directory whose OpenAPI
 schema is generated from predict.py when the module starts.
@@ -29,21 +29,13 @@ import pytest
 import requests
 from PIL import Image
 
-from bench.fuzz_http import (
-    Generator,
-    cpu_seconds,
-    files_under,
-    run_cases,
-    server_root,
-    wait_ready,
-    worker_pid,
-)
-from bench.soak import beyond_capacity, soak
 from flashsd.models import MODELS
 from flashsd.weights import repo_dir
-from testkit.cog_server import CogServer
+from testkit.cog_server import CogServer, cpu_seconds, files_under, server_root, wait_ready, worker_pid
 from testkit.fake_hub import FakeHub, closed_port
-from tests.test_faults import adapter_file, copy_model, denoiser_file, truncate
+from testkit.fuzz import Generator, run_cases
+from testkit.soak import beyond_capacity, soak
+from testkit.weight_files import adapter_file, copy_model, denoiser_file, truncate
 
 FUZZ_REQUESTS = 500
 SOAK_PREDICTIONS = 100
@@ -222,12 +214,12 @@ def test_soak_keeps_memory_open_files_and_temporary_files_bounded(served, capsys
 
 
 def test_out_of_memory_in_the_worker_fails_that_prediction_only(tiny_weights, root, tmp_path):
-    from tests.oom_predictor import MARKER
+    from testkit.predictors.oom import MARKER
 
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": "sdxl", "TMPDIR": str(temp)}
-    server = start(env, tmp_path, root, stub="tests/oom_predictor.py:OomPredictor")
+    server = start(env, tmp_path, root, stub="testkit/predictors/oom.py:OomPredictor")
     try:
         assert server.health() == "READY", server.logs()[-3000:]
         pid = worker_pid(server)

@@ -7,8 +7,7 @@ import sys
 
 from flashsd import control, request
 from testkit.cog_server import PROJECT_ROOT
-
-SCHEMA = PROJECT_ROOT / ".cog" / "openapi_schema.json"
+from testkit.schema import SCHEMA, schema_script
 
 
 def test_committed_schema_is_current():
@@ -83,22 +82,13 @@ def test_control_declarations_agree_with_the_control_rules():
         ]  # fmt: skip
 
 
-def _schema_script(*args, cwd=PROJECT_ROOT):
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "openapi-schema"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-    )
-
-
 def test_check_accepts_the_file_a_real_cog_build_writes(tmp_path):
     """`cog build`/`cog run`/`cog serve` rewrite the file compact, with the CLI's version: still current."""
     document = json.loads(SCHEMA.read_text())
     document["info"]["version"] = "0.99.0-real-cli"
     rewritten = tmp_path / "openapi_schema.json"
     rewritten.write_text(json.dumps(document, separators=(",", ":")))
-    result = _schema_script("--check", "--output", str(rewritten))
+    result = schema_script("--check", "--output", str(rewritten))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -107,7 +97,7 @@ def test_check_fails_when_an_input_changed(tmp_path):
     document["components"]["schemas"]["Input"]["properties"]["num_outputs"]["maximum"] = request.MAX_OUTPUTS + 1
     stale = tmp_path / "openapi_schema.json"
     stale.write_text(json.dumps(document, indent=2))
-    result = _schema_script("--check", "--output", str(stale))
+    result = schema_script("--check", "--output", str(stale))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "out of date" in result.stderr and '"maximum": 4' in result.stderr
 
@@ -119,7 +109,7 @@ def test_check_fails_when_predict_py_changed_but_the_schema_did_not(tmp_path):
     changed = source.replace("ge=1, le=100, default=80", "ge=1, le=95, default=80")
     assert changed != source
     (tmp_path / "predict.py").write_text(changed)
-    result = _schema_script("--check", "--root", str(tmp_path))
+    result = schema_script("--check", "--root", str(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert '"maximum": 95' in result.stderr
 
@@ -152,7 +142,7 @@ def _project_with(tmp_path, old, new):
     source = (PROJECT_ROOT / "predict.py").read_text()
     assert old in source
     (tmp_path / "predict.py").write_text(source.replace(old, new))
-    return _schema_script("--stdout", "--root", str(tmp_path))
+    return schema_script("--stdout", "--root", str(tmp_path))
 
 
 def test_the_generator_refuses_what_cog_build_would_read_differently(tmp_path):

@@ -5,9 +5,12 @@ GPU path slower without changing a single pixel, so only a test like this one no
 """
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -18,10 +21,13 @@ from flashsd.models import MODELS
 from flashsd.request import build_request, distinct_sizes, size_table
 from flashsd.runtime import Runtime
 from flashsd.settings import Settings
+from testkit.pixels import max_difference
+from testkit.predictors import predictor_inputs
 
 CPU32 = Runtime(torch.device("cpu"), torch.float32)
 CPU16 = Runtime(torch.device("cpu"), torch.float16)
 ALL = list(MODELS)
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def request(key, **inputs):
@@ -48,14 +54,6 @@ class Calls:
 
     def __exit__(self, *exc):
         self.handle.remove()
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB")).astype(np.int16)
-
-
-def max_difference(a, b) -> int:
-    return int(np.abs(pixels(a) - pixels(b)).max())
 
 
 # --- the eager path ----------------------------------------------------------------------------------
@@ -252,24 +250,32 @@ def test_inductor_compile_and_its_cache_beside_the_weights(tiny_weights, tmp_pat
 
 
 @pytest.mark.slow
-def test_bench_pipeline_sections_run_on_tiny_weights(tiny_weights):
-    from bench import pipeline
-
-    engine = Engine.load(MODELS["sdxl"], tiny_weights, CPU32)
-    evaluations = pipeline.denoiser_evaluations(engine, tiny_weights, 64, repeats=1)
+def test_the_pipeline_benchmarks_run_on_tiny_weights(tiny_weights, tmp_path):
+    """python -m bench.run as a user runs it (its own process), on the tiny weights: structure only, no timing."""
+    sections = ["evaluations", "stages", "throughput", "layout"]
+    command = [sys.executable, "-m", "bench.run", "--sections", ",".join(sections), "--weights", str(tiny_weights),
+               "--model", "sdxl", "--models", "sdxl", "--size", "64", "--repeats", "1", "--no-grid", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (written,) = tmp_path.glob("*.json")
+    document = json.loads(written.read_text())
+    results = document["results"]
+    assert document["errors"] == {} and set(results) >= set(sections)
+    evaluations = results["evaluations"]
     assert evaluations["flash"]["rows_per_image"] == 4
-    assert evaluations["base"]["rows_per_image"] == 2 * pipeline.BASE_STEPS and evaluations["evaluations_ratio"] == 12.5
-    stages = pipeline.stages(engine, 64, repeats=1)["ms"]
-    assert {"text encoders", "denoising", "VAE decode", "encoding (webp q80)", "total"} <= set(stages)
-    assert set(pipeline.throughput(engine, 64, repeats=1)["images_per_s"]) == {1, 4}
-    assert set(pipeline.layout(engine, 64, repeats=1)) == {"size", "denoiser", "vae_decoder"}
-    assert engine.pipe.unet.conv_in.weight.is_contiguous()  # layout put back to NCHW
+    assert (
+        evaluations["base"]["rows_per_image"] == 2 * 25 and evaluations["evaluations_ratio"] == 12.5
+    )  # 25 guided steps
+    assert {"text encoders", "denoising", "VAE decode", "encoding (webp q80)", "total"} <= set(
+        results["stages"]["sdxl"]["ms"]
+    )
+    assert set(results["throughput"]["sdxl"]["images_per_s"]) == {"1", "4"}
+    assert set(results["layout"]["sdxl"]) == {"size", "denoiser", "vae_decoder"}
 
 
-def test_bench_sees_every_predictor_input():
+def test_predictor_inputs_are_every_input_of_predict_at_its_default():
     import inspect
 
-    from bench.pipeline import predictor_inputs
     from predict import Predictor
 
     inputs = predictor_inputs(Predictor, prompt="x")

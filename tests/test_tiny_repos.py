@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     LCMScheduler,
-    PixArtAlphaPipeline,
     PixArtTransformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -25,6 +20,7 @@ from transformers import CLIPTokenizer, T5Tokenizer
 from flashsd.control import FAMILIES
 from flashsd.models import MODELS
 from testkit.real_size import file_layers
+from testkit.recipes import base_pipeline
 from testkit.tiny_repos import build_repo_files, build_tiny_weights, control_repo_files, files_under, listed_for
 
 KEYS = list(MODELS)
@@ -33,26 +29,6 @@ PROMPT = "A lighthouse at dawn, Zebra-crossing 3pm! 東京の夜景 émigré �
 
 def base_dir(root, key):
     return root / MODELS[key].base.id
-
-
-def load_pipeline(root, key):
-    """Each base pipeline, loaded the way the model cards do, with plain diffusers from local files."""
-    common = dict(dtype=torch.float32, local_files_only=True)
-    base = base_dir(root, key)
-    if key == "sdxl":
-        vae = AutoencoderKL.from_pretrained(root / MODELS[key].vae.id, **common)
-        pipe = StableDiffusionXLPipeline.from_pretrained(base, vae=vae, variant="fp16", **common)
-    elif key == "sd15":
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base, variant="fp16", safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            **common,
-        )  # fmt: skip
-    elif key == "sd3":
-        pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None, **common)
-    else:
-        pipe = PixArtAlphaPipeline.from_pretrained(base, **common)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, key, width=64, height=64, seed=0):
@@ -109,7 +85,7 @@ def test_weight_files_are_stored_in_the_real_repos_precision(tiny_weights, key):
 
 @pytest.mark.parametrize("key", KEYS)
 def test_tokenizers_load_from_their_files_and_tokenise_any_prompt(tiny_weights, key):
-    pipe = load_pipeline(tiny_weights, key)
+    pipe = base_pipeline(key, tiny_weights)
     base = base_dir(tiny_weights, key)
     if key == "pixart":
         tokenizer = T5Tokenizer.from_pretrained(base / "tokenizer")
@@ -138,7 +114,7 @@ def test_tokenizers_load_from_their_files_and_tokenise_any_prompt(tiny_weights, 
 
 @pytest.mark.parametrize("key", KEYS)
 def test_the_base_pipeline_loads_and_generates_finite_images(tiny_weights, key):
-    pipe = load_pipeline(tiny_weights, key)
+    pipe = base_pipeline(key, tiny_weights)
     assert pipe.vae_scale_factor == 8
     if key == "sdxl":
         assert pipe.vae.config.force_upcast is False
@@ -172,7 +148,7 @@ def _lora_layers(module) -> int:
 @pytest.mark.parametrize("key", KEYS)
 def test_the_adapter_changes_the_denoiser_and_the_image(tiny_weights, key):
     model = MODELS[key]
-    pipe = load_pipeline(tiny_weights, key)
+    pipe = base_pipeline(key, tiny_weights)
     before = {k: v.clone() for k, v in denoiser(pipe, key).state_dict().items()}
     plain = generate(pipe, key)
     adapter = tiny_weights / model.adapter.id

@@ -6,7 +6,7 @@ layers are attached; "fuse" makes each merged LoRA layer wait 0.1 s (so a cancel
 others not). Markers in the logs ("slow-lora: loaded", "slow-lora: merged") say where it is. Everything else is
 predict.py's Predictor as is (same inputs, so the same OpenAPI schema):
 
-    COG_PREDICT_TYPE_STUB=tests/slow_lora_predictor.py:SlowLoraPredictor python -m cog.server.http
+    COG_PREDICT_TYPE_STUB=testkit/predictors/slow_lora.py:SlowLoraPredictor python -m cog.server.http
 """
 
 import os

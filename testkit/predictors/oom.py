@@ -4,7 +4,7 @@ A prompt containing `[inject-oom]` makes the denoiser's second call raise torch.
 CUDA allocation would fail mid-denoising on a GPU. Everything else is predict.py's Predictor as is (same inputs,
 so the same OpenAPI schema), run by the real Cog server in its own worker process:
 
-    COG_PREDICT_TYPE_STUB=tests/oom_predictor.py:OomPredictor python -m cog.server.http
+    COG_PREDICT_TYPE_STUB=testkit/predictors/oom.py:OomPredictor python -m cog.server.http
 """
 
 import torch
