@@ -195,7 +195,7 @@ class Control:
         return (self.kind, self.conditioning_scale, self.start, self.end, self.image.mode, self.image.size, digest)
 
     def described(self) -> str:
-        """How logs name it: `canny (controlnet_1, scale 0.75, steps 0-1)`."""
+        """How logs name it: `canny (controlnet_1, scale 0.75, from 0 to 1)`."""
         return f"{self.kind} ({self.input}, scale {self.conditioning_scale:g}, from {self.start:g} to {self.end:g})"
 
 
