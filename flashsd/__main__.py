@@ -2,6 +2,8 @@
 
 python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
 python -m flashsd train -i input_images=photos.zip -i trigger_word=TOK -i steps=500
+FLASHSD_CONTROLNETS=canny python -m flashsd predict -i prompt="a glass house" -i controlnet_1=canny \
+    -i controlnet_1_image=photo.jpg
 python -m flashsd sizes
 """
 
@@ -13,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .control import build_problem, control_inputs, with_controlnets
 from .download import ensure_weights
 from .engine import Engine
 from .errors import DeviceError, InputError, SettingsError, WeightsError
@@ -42,8 +45,17 @@ def _parse_inputs(pairs: list[str]) -> dict:
 def predict(args) -> int:
     settings = Settings.from_environ()
     model = MODELS[args.model or settings.model]
+    problem = build_problem(model, settings.controlnets)  # --model may name one FLASHSD_CONTROLNETS does not fit
+    if problem:
+        raise SettingsError(
+            f"FLASHSD_CONTROLNETS={','.join(settings.controlnets)} with --model {model.key}: {problem}."
+        )
+    model = with_controlnets(model, settings.controlnets)
     root = Path(args.weights) if args.weights else settings.weights_root
-    request = build_request(model, **_parse_inputs(args.input))  # fail on bad input before loading
+    inputs = _parse_inputs(args.input)
+    controls = control_inputs(inputs)  # controlnet_1=canny -i controlnet_1_image=photo.jpg ...
+    # fail on bad input before loading
+    request = build_request(model, **inputs, controls=controls, controlnets=settings.controlnets)
     runtime = select_runtime(settings.device)
     ensure_weights(model, root)
     engine = Engine.load(model, root, runtime, settings)
