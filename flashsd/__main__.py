@@ -3,6 +3,8 @@
 python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
 python -m flashsd predict --trained-weights outputs/trained_model.tar -i prompt="a photo of TOK"
 python -m flashsd train -i input_images=photos.zip -i trigger_word=TOK -i steps=500
+FLASHSD_CONTROLNETS=canny python -m flashsd predict -i prompt="a glass house" -i controlnet_1=canny \
+    -i controlnet_1_image=photo.jpg
 python -m flashsd sizes
 """
 
@@ -14,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .control import build_problem, control_inputs, with_controlnets
 from .download import ensure_weights
 from .engine import Engine
 from .errors import DeviceError, InputError, SettingsError, WeightsError
@@ -44,11 +47,19 @@ def _parse_inputs(pairs: list[str]) -> dict:
 def predict(args) -> int:
     settings = Settings.from_environ()
     model = MODELS[args.model or settings.model]
+    problem = build_problem(model, settings.controlnets)  # --model may name one FLASHSD_CONTROLNETS does not fit
+    if problem:
+        raise SettingsError(
+            f"FLASHSD_CONTROLNETS={','.join(settings.controlnets)} with --model {model.key}: {problem}."
+        )
+    model = with_controlnets(model, settings.controlnets)
     root = Path(args.weights) if args.weights else settings.weights_root
     # As a model version made from a training (Cog's COG_WEIGHTS): the training's LoRA stands for an empty lora_weights.
     trained = fetch_trained_lora(args.trained_weights, model, root, settings.loras)
     inputs = _parse_inputs(args.input)
-    request = build_request(model, default_lora=trained, **inputs)  # fail on bad input before loading
+    controls = control_inputs(inputs)  # controlnet_1=canny -i controlnet_1_image=photo.jpg ...
+    # fail on bad input before loading
+    request = build_request(model, **inputs, controls=controls, controlnets=settings.controlnets, default_lora=trained)
     runtime = select_runtime(settings.device)
     ensure_weights(model, root)
     engine = Engine.load(model, root, runtime, settings)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
+from .control import Control, ControlInputs, controls_from_inputs
 from .errors import InputError
 from .input_images import fit_image, fit_mask, load_image, load_mask, repainted_fraction
 from .loras.sources import StyleLora, TrainedLora, parse_lora_source
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "21:9", "9:21")
 CUSTOM = "custom"
-# The default: with an image, the output keeps the image's aspect ratio; without one it is square (1:1).
+# The default: with an image (else a control's photo), the output keeps its aspect ratio; without either it is square.
 MATCH_INPUT = "match_input_image"
 DEFAULT_PROMPT_STRENGTH = 0.8
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -120,6 +122,8 @@ class GenerationRequest:
     prompt_strength: float = DEFAULT_PROMPT_STRENGTH  # used only with an image
     check_safety: bool = True  # the safety checker screens the images (disable_safety_checker=false)
     loras: tuple[StyleLora, ...] = ()  # style LoRAs, fused on top of the Flash adapter (flashsd.loras)
+    # ControlNet controls (flashsd.control), in slot order, their photos already width x height
+    controls: tuple[Control, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -194,11 +198,14 @@ def build_request(
     lora_scale: float = 1.0,
     extra_lora: str | None = "",
     extra_lora_scale: float = 1.0,
+    controls: Sequence[ControlInputs] = (),
+    controlnets: Sequence[str] = (),
     default_lora: TrainedLora | None = None,
 ) -> GenerationRequest:
     """Validate everything the user sent; the first problem found is raised as InputError.
 
-    `image` and `mask` are paths (or PIL images): `image` alone is image-to-image, both are inpainting.
+    `image` and `mask` are paths (or PIL images): `image` alone is image-to-image, both are inpainting. `controls`:
+    the controlnet_1.. slots' inputs; `controlnets`: the control types this build holds (FLASHSD_CONTROLNETS).
     `default_lora`: what an empty `lora_weights` stands for (at `lora_scale`): the LoRA of the training a model version
     was made from (flashsd.loras.trained).
     """
@@ -231,6 +238,8 @@ def build_request(
                     "where to repaint, black where to keep."
                 )
 
+    checked_controls = controls_from_inputs(model, controlnets, controls)
+
     if aspect_ratio == CUSTOM:
         width, height = _side("width", width), _side("height", height)
     elif aspect_ratio in ASPECT_RATIOS or aspect_ratio == MATCH_INPUT:
@@ -238,6 +247,8 @@ def build_request(
             named = aspect_ratio_size(aspect_ratio, model.native_size)
         elif source is not None:
             named = matching_size(*source.size, model.native_size)
+        elif checked_controls:  # no image: the first control's photo gives the shape
+            named = matching_size(*checked_controls[0].image.size, model.native_size)
         else:
             named = aspect_ratio_size("1:1", model.native_size)
         if width is not None or height is not None:
@@ -303,6 +314,7 @@ def build_request(
         prompt_strength=prompt_strength,
         check_safety=not disable_safety_checker,
         loras=loras,
+        controls=tuple(control.fitted((width, height)) for control in checked_controls),
     )
 
 
