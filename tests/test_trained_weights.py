@@ -22,12 +22,13 @@ from flashsd.engine import Engine
 from flashsd.loras import LoraError
 from flashsd.loras.cache import DiskCache
 from flashsd.loras.fetch import RECORD_MEMBER
-from flashsd.loras.trained import fetch_trained_lora, weights_source
+from flashsd.loras.trained import RECORD_FORMAT_PREFIX, fetch_trained_lora, weights_source
 from flashsd.models import MODELS
 from flashsd.request import build_request
 from flashsd.runtime import Runtime
 from flashsd.settings import LoraSettings
 from flashsd.training import RECORD_FILE, TrainingOptions, run_training
+from flashsd.training.export import RECORD_FORMAT
 from testkit.lora_server import LoraServer
 from testkit.pixels import max_difference
 from testkit.training_sets import make_zip, png
@@ -210,3 +211,4 @@ def test_weights_that_name_no_file_fail_setup_saying_what_is_taken(environment, 
 
 def test_the_record_the_loras_package_reads_is_the_one_trainings_write():
     assert RECORD_MEMBER == RECORD_FILE and os.path.basename(RECORD_FILE) == RECORD_FILE
+    assert RECORD_FORMAT.startswith(RECORD_FORMAT_PREFIX)

@@ -34,7 +34,7 @@ MAX_TAR_MEMBERS = 1000
 # flashsd's own trainings put their record beside the LoRA (flashsd/training/export.py, RECORD_FILE); of it the cache
 # keeps what serving needs: the base model (to refuse a LoRA of another family at setup) and the trigger word.
 RECORD_MEMBER = "training.json"
-RECORD_FIELDS = ("format", "base_model", "trigger_word", "example_prompt", "steps")
+RECORD_FIELDS = ("format", "base_model", "trigger_word", "example_prompt")
 MAX_RECORD_BYTES = 16 * 2**20  # far above a record listing 5,000 skipped files
 
 

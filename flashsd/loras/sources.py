@@ -28,7 +28,8 @@ class LoraSource:
     """Where a LoRA comes from: a URL, a Hugging Face repo (and file, and revision when the URL named one), or a local
     file (only the container's own weights, flashsd.loras.trained: no request may name a file of the machine)."""
 
-    text: str  # as given, stripped: the cache key (a URL's query may hold a key: never shown)
+    # As given, stripped: the cache key (a URL's query may hold a key: never shown). A local file's: path, size, time.
+    text: str
     url: str | None = None
     repo: str | None = None
     filename: str | None = None
