@@ -12,16 +12,18 @@ Each prediction records its metrics (flashsd.metrics); the health check says whe
 import asyncio
 import logging
 import time
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from cog import BasePredictor, Input, Path, concurrent
 
 from flashsd.batching import ModelThread, engine_batcher
 from flashsd.cog_files import OutputFolders, sweep_input_copies, use_private_tempdir
+from flashsd.control import ControlInputs, with_controlnets
 from flashsd.download import ensure_weights
 from flashsd.engine import Engine
 from flashsd.health import HealthCheck
 from flashsd.images import write_outputs
+from flashsd.loras.trained import apply_trained_lora, fetch_trained_lora
 from flashsd.metrics import prediction_metrics
 from flashsd.models import MODELS
 from flashsd.request import build_request
@@ -30,17 +32,25 @@ from flashsd.settings import Settings
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
-        """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler."""
+    def setup(self, weights: Optional[Union[Path, str]] = None) -> None:
+        """Load the Flash pipeline once: base model, Flash adapter merged, Flash scheduler. `weights` (Cog's
+        COG_WEIGHTS: a URL or a path) is the output of a training when this model version was made from one."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         use_private_tempdir()  # in the Cog worker: input copies and outputs in a folder of its own (see predict)
         settings = Settings.from_environ()  # every setting read and checked once: a bad one fails setup here
         runtime = select_runtime(settings.device)  # FLASHSD_DEVICE=cuda without a usable GPU fails before any download
-        self.model = MODELS[settings.model]
+        # The model with the ControlNets the build holds (FLASHSD_CONTROLNETS): fetched if missing, checked, loaded.
+        self.model = with_controlnets(MODELS[settings.model], settings.controlnets)
+        self.controlnets = settings.controlnets
+        # A training's tar: its LoRA is every prediction's lora_weights unless it names its own. Fetched and checked
+        # against the model here, before the model loads; fused once it is loaded (flashsd.loras.trained).
+        self.trained = fetch_trained_lora(weights, self.model, settings.weights_root, settings.loras)
         ensure_weights(self.model, settings.weights_root)
         # One thread owns the model from its load on: every torch and tokenizer call runs there (flashsd.batching).
         thread = ModelThread()
         self.engine = thread.call(Engine.load, self.model, settings.weights_root, runtime, settings)
+        if self.trained is not None:
+            thread.call(apply_trained_lora, self.engine.loras, self.trained)
         self.batcher = engine_batcher(self.engine, thread)
         self.health = HealthCheck(
             self.engine.fault, worker_alive=lambda: thread.alive, worker_busy=lambda: thread.busy,
@@ -135,11 +145,11 @@ class Predictor(BasePredictor):
             default=False,
         ),
         lora_weights: str = Input(
-            description="A style LoRA trained for the base model (SDXL, SD1.5 or SD3; not PixArt), applied at Flash speed: the URL of a .safetensors file (CivitAI download links included), a Hugging Face repo as owner/name (its single .safetensors file) or owner/name/file.safetensors. Downloaded once, then cached.",
+            description="A style LoRA trained for the base model (SDXL, SD1.5 or SD3; not PixArt), applied at Flash speed: the URL of a .safetensors file (CivitAI download links included), a Hugging Face repo as owner/name (its single .safetensors file) or owner/name/file.safetensors. Downloaded once, then cached. Empty on a model made from a training: that training's LoRA.",
             default="",
         ),
         lora_scale: float = Input(
-            description="Strength of lora_weights: 1 as trained, 0 off, negative to push away from its style. Distilled models can weaken a style: try values above 1.",
+            description="Strength of lora_weights (or of the trained LoRA it stands for): 1 as trained, 0 off, negative to push away from its style. Distilled models can weaken a style: try values above 1.",
             ge=-1,
             le=3,
             default=1.0,
@@ -154,11 +164,97 @@ class Predictor(BasePredictor):
             le=3,
             default=1.0,
         ),
+        controlnet_1: str = Input(
+            description="Structure control (ControlNet, SDXL and SD1.5): 'canny' follows the edges of controlnet_1_image, 'depth' its depth (estimated by Depth Anything V2). The build must hold that ControlNet (FLASHSD_CONTROLNETS). 'none': no control.",
+            choices=["none", "canny", "depth"],
+            default="none",
+        ),
+        controlnet_1_image: Optional[Path] = Input(
+            description="The photo controlnet_1's map is made from (URL or upload), scaled and centre-cropped to the output size. With aspect_ratio 'match_input_image' and no image, it decides the output's aspect ratio.",
+            default=None,
+        ),
+        controlnet_1_conditioning_scale: float = Input(
+            description="How strongly controlnet_1 steers the image: 0 not at all, 1 as trained (the SDXL canny card recommends 0.5).",
+            ge=0,
+            le=4,
+            default=0.75,
+        ),
+        controlnet_1_start: float = Input(
+            description="When controlnet_1 starts acting, as a fraction of the denoising (0 = the first step).",
+            ge=0,
+            le=1,
+            default=0,
+        ),
+        controlnet_1_end: float = Input(
+            description="When controlnet_1 stops acting, as a fraction of the denoising (1 = the last step); above controlnet_1_start.",
+            ge=0,
+            le=1,
+            default=1,
+        ),
+        controlnet_2: str = Input(
+            description="A second structure control, as controlnet_1 (ControlNets act together).",
+            choices=["none", "canny", "depth"],
+            default="none",
+        ),
+        controlnet_2_image: Optional[Path] = Input(
+            description="The photo controlnet_2's map is made from, as controlnet_1_image.",
+            default=None,
+        ),
+        controlnet_2_conditioning_scale: float = Input(
+            description="Strength of controlnet_2, as controlnet_1_conditioning_scale.",
+            ge=0,
+            le=4,
+            default=0.75,
+        ),
+        controlnet_2_start: float = Input(
+            description="When controlnet_2 starts acting, as controlnet_1_start.",
+            ge=0,
+            le=1,
+            default=0,
+        ),
+        controlnet_2_end: float = Input(
+            description="When controlnet_2 stops acting, as controlnet_1_end.",
+            ge=0,
+            le=1,
+            default=1,
+        ),
+        controlnet_3: str = Input(
+            description="A third structure control, as controlnet_1 (ControlNets act together).",
+            choices=["none", "canny", "depth"],
+            default="none",
+        ),
+        controlnet_3_image: Optional[Path] = Input(
+            description="The photo controlnet_3's map is made from, as controlnet_1_image.",
+            default=None,
+        ),
+        controlnet_3_conditioning_scale: float = Input(
+            description="Strength of controlnet_3, as controlnet_1_conditioning_scale.",
+            ge=0,
+            le=4,
+            default=0.75,
+        ),
+        controlnet_3_start: float = Input(
+            description="When controlnet_3 starts acting, as controlnet_1_start.",
+            ge=0,
+            le=1,
+            default=0,
+        ),
+        controlnet_3_end: float = Input(
+            description="When controlnet_3 stops acting, as controlnet_1_end.",
+            ge=0,
+            le=1,
+            default=1,
+        ),
     ) -> List[Path]:
         if self.engine.fault.error is not None:  # the GPU failed: every prediction would; say so at once
             raise self.engine.fault.failure()
+        controls = [
+            ControlInputs(controlnet_1, controlnet_1_image, controlnet_1_conditioning_scale, controlnet_1_start, controlnet_1_end),
+            ControlInputs(controlnet_2, controlnet_2_image, controlnet_2_conditioning_scale, controlnet_2_start, controlnet_2_end),
+            ControlInputs(controlnet_3, controlnet_3_image, controlnet_3_conditioning_scale, controlnet_3_start, controlnet_3_end),
+        ]  # fmt: skip
         # coglet leaves the input copies of a request it rejected after downloading part of them; remove them.
-        sweep_input_copies(keep=(image, mask), older_than_s=self.stale_input_s)
+        sweep_input_copies(keep=(image, mask, *(c.image for c in controls)), older_than_s=self.stale_input_s)
         request = await asyncio.to_thread(  # it decodes the images: off the event loop
             build_request,
             self.model,
@@ -181,6 +277,9 @@ class Predictor(BasePredictor):
             lora_scale=lora_scale,
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
+            controls=controls,
+            controlnets=self.controlnets,
+            default_lora=self.trained,
         )
         served = await self.batcher.serve(request)  # alone, or in one call with compatible predictions
         folder = self.outputs.fresh()

@@ -1,8 +1,8 @@
 """What structure control costs (flashsd.control), measured as users run it (default thread counts, one process).
 
-1. A prediction's pipeline call with no ControlNet, one (canny) and two (canny + depth): the engine's pipeline and the
-   control module's ControlNet pipelines on the same components, maps made beforehand; and the maps themselves (the
-   card's canny, Depth Anything V2 Small's depth map). Tiny random-weight repos in the real layouts (built into a
+1. A prediction's pipeline call with no ControlNet, one (canny) and two (canny + depth), as the engine makes it
+   (Engine.pipeline_of and pipeline_arguments: the ControlNet pipelines on the engine's own components), maps made
+   beforehand; and the maps themselves (the card's canny, Depth Anything V2 Small's depth map). Tiny random-weight repos in the real layouts (built into a
    temporary folder) unless --weights names a root holding the model and its ControlNets.
 2. --real-size KEY: one denoising step at the real sizes, random weights: the UNet of KEY and its ControlNets built
    from the real configs (testkit/real_configs), UNet alone vs UNet + 1 and + 2 ControlNets; and the real-size depth
@@ -44,38 +44,36 @@ def pipeline_costs(key: str, root: Path | None, size: int, repeats: int) -> dict
     from flashsd.models import MODELS
     from flashsd.request import build_request
     from flashsd.runtime import select_runtime
+    from flashsd.settings import Settings
     from testkit.tiny_repos import build_tiny_weights
 
     runtime = select_runtime("auto")
     if root is None:
         root = Path(tempfile.mkdtemp(prefix="bench-control-"))
         build_tiny_weights(root, (key,))
-    model = MODELS[key]
-    engine = Engine.load(model, root, runtime)
-    nets = control.ControlNets.load(model, root, runtime, control.CONTROL_TYPES)
-    request = build_request(
-        model, prompt="a lighthouse at dawn", seed=0, aspect_ratio="custom", width=size, height=size
-    )
+    engine = Engine.load(MODELS[key], root, runtime, Settings(controlnets=control.CONTROL_TYPES))
     picture = sample_photo(size, size)
-    canny = control.Control("controlnet_1", control.CANNY, picture)
-    depth = control.Control("controlnet_2", control.DEPTH, picture)
-    maps = nets.maps([canny, depth], (size, size))
-    base = engine.pipeline_arguments(request)
 
-    def call(controls):
-        if not controls:
-            return lambda: engine.pipe(**base)
-        pipe = nets.pipeline(engine.pipe, "text-to-image", [c.kind for c in controls])
-        arguments = base | nets.call_arguments("text-to-image", controls, maps[: len(controls)])
+    def request(*kinds):
+        slots = [control.ControlInputs(kind, picture) for kind in kinds]
+        return build_request(
+            engine.model, prompt="a lighthouse at dawn", seed=0, aspect_ratio="custom", width=size, height=size,
+            disable_safety_checker=True, controls=slots, controlnets=control.CONTROL_TYPES,
+        )  # fmt: skip
+
+    def call(request):
+        """The prediction's pipeline call alone, its maps made beforehand (what the engine's generate runs)."""
+        pipe, arguments = engine.pipeline_of(request), engine.pipeline_arguments(request)
         return lambda: pipe(**arguments)
 
+    canny, depth = request(control.CANNY), request(control.DEPTH)
     timings = medians(
         {
-            "no ControlNet": call([]),
-            "1 ControlNet (canny)": call([canny]),
-            "2 ControlNets (canny + depth)": call([canny, depth]),
-            "canny map": lambda: nets.maps([canny], (size, size)),
-            "depth map (Depth Anything V2 Small)": lambda: nets.maps([depth], (size, size)),
+            "no ControlNet": call(request()),
+            "1 ControlNet (canny)": call(canny),
+            "2 ControlNets (canny + depth)": call(request(control.CANNY, control.DEPTH)),
+            "canny map": lambda: engine.control_maps(canny),
+            "depth map (Depth Anything V2 Small)": lambda: engine.control_maps(depth),
         },
         repeats,
     )

@@ -5,6 +5,7 @@ testkit/fuzz.py (what it sends and what each request must get is described there
     python -m bench.fuzz_http                      # tiny random weights (built in a temp dir), all cases
     python -m bench.fuzz_http --mixtures 2000 --full  # more random mixtures; heavy cases run to completion
     python -m bench.fuzz_http --model sd15 --weights weights/ --json fuzz.json
+    python -m bench.fuzz_http --controlnets canny  # the server's FLASHSD_CONTROLNETS (default: every type it takes)
 
 tests/test_robustness_http.py runs the same generator (at least 500 requests) in the test suite; heavy cases
 (native-size aspect ratios, 4 images at 2048x2048) are cancelled there once running, and run to completion
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import requests
 
+from flashsd.control import CONTROL_TYPES, FAMILIES
 from testkit.cog_server import CogServer, rss_mb, server_root, worker_pid
 from testkit.fuzz import Generator, Outcome, run_cases
 from testkit.tiny_repos import build_tiny_weights
@@ -34,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="run heavy cases to completion instead of cancelling them")
     parser.add_argument("--json", type=Path, help="write every outcome here")
+    parser.add_argument(
+        "--controlnets", help="FLASHSD_CONTROLNETS of the server (default: canny,depth where the model takes them)"
+    )
     args = parser.parse_args(argv)
+    if args.controlnets is None:
+        args.controlnets = ",".join(CONTROL_TYPES) if args.model in FAMILIES else ""
+    controlnets = tuple(t for t in args.controlnets.split(",") if t)
 
     with tempfile.TemporaryDirectory(prefix="flashsd-fuzz-") as tmp:
         tmp = Path(tmp)
@@ -45,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
             "FLASHSD_MODEL": args.model,
             "TMPDIR": str(tmp / "tmp"),
             "HF_HUB_OFFLINE": "1",
+            "FLASHSD_CONTROLNETS": ",".join(controlnets),
         }
         with CogServer(env, tmp / "server.log", cwd=server_root(tmp / "root")) as server:
             if server.health() != "READY":
                 print(server.logs()[-3000:], file=sys.stderr)
                 return 1
             schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
-            cases = Generator(schema, args.seed, model=args.model).cases(args.mixtures)
+            cases = Generator(schema, args.seed, model=args.model, controlnets=controlnets).cases(args.mixtures)
             rss_before = rss_mb(worker_pid(server))
 
             def progress(i: int, o: Outcome) -> None:

@@ -69,10 +69,11 @@ def diffusers_worker(args) -> list[float]:
     base = repo_dir(args.weights, model.base)
     extra = {}
     if model.vae is not None:
-        extra["vae"] = diffusers.AutoencoderKL.from_pretrained(repo_dir(args.weights, model.vae))
+        extra["vae"] = diffusers.AutoencoderKL.from_pretrained(repo_dir(args.weights, model.vae), dtype=torch.float32)
     if model.key == "sd15":
         extra |= dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = getattr(diffusers, model.pipeline).from_pretrained(base, variant=model.variant, **extra)
+    # fp32 on the CPU, as flashsd runs there (the fp16 files are cast on load)
+    pipe = getattr(diffusers, model.pipeline).from_pretrained(base, variant=model.variant, dtype=torch.float32, **extra)
     pipe.scheduler = diffusers.LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
     pipe.load_lora_weights(repo_dir(args.weights, model.adapter))
     pipe.fuse_lora()

@@ -1,7 +1,10 @@
 """The local command line: the same engine as the Cog predictor, without Docker.
 
 python -m flashsd predict -i prompt="an astronaut riding a horse" -i num_outputs=2
+python -m flashsd predict --trained-weights outputs/trained_model.tar -i prompt="a photo of TOK"
 python -m flashsd train -i input_images=photos.zip -i trigger_word=TOK -i steps=500
+FLASHSD_CONTROLNETS=canny python -m flashsd predict -i prompt="a glass house" -i controlnet_1=canny \
+    -i controlnet_1_image=photo.jpg
 python -m flashsd sizes
 """
 
@@ -13,10 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
+from .control import build_problem, control_inputs, with_controlnets
 from .download import ensure_weights
 from .engine import Engine
 from .errors import DeviceError, InputError, SettingsError, WeightsError
 from .images import write_outputs
+from .loras.trained import apply_trained_lora, fetch_trained_lora
 from .models import MODELS
 from .request import build_request, size_table
 from .runtime import select_runtime
@@ -42,11 +47,24 @@ def _parse_inputs(pairs: list[str]) -> dict:
 def predict(args) -> int:
     settings = Settings.from_environ()
     model = MODELS[args.model or settings.model]
+    problem = build_problem(model, settings.controlnets)  # --model may name one FLASHSD_CONTROLNETS does not fit
+    if problem:
+        raise SettingsError(
+            f"FLASHSD_CONTROLNETS={','.join(settings.controlnets)} with --model {model.key}: {problem}."
+        )
+    model = with_controlnets(model, settings.controlnets)
     root = Path(args.weights) if args.weights else settings.weights_root
-    request = build_request(model, **_parse_inputs(args.input))  # fail on bad input before loading
+    # As a model version made from a training (Cog's COG_WEIGHTS): the training's LoRA stands for an empty lora_weights.
+    trained = fetch_trained_lora(args.trained_weights, model, root, settings.loras)
+    inputs = _parse_inputs(args.input)
+    controls = control_inputs(inputs)  # controlnet_1=canny -i controlnet_1_image=photo.jpg ...
+    # fail on bad input before loading
+    request = build_request(model, **inputs, controls=controls, controlnets=settings.controlnets, default_lora=trained)
     runtime = select_runtime(settings.device)
     ensure_weights(model, root)
     engine = Engine.load(model, root, runtime, settings)
+    if trained is not None:
+        apply_trained_lora(engine.loras, trained)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in write_outputs(engine.generate(request), request, model, out):
@@ -101,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--model", choices=list(MODELS), help="default: FLASHSD_MODEL or sdxl")
     run.add_argument("--weights", help="weights root (default: FLASHSD_WEIGHTS or weights/)")
+    run.add_argument(
+        "--trained-weights",
+        metavar="TAR",
+        help="a training's output (path or URL): its LoRA applies unless -i lora_weights names another, as on a model "
+        "version made from the training (Cog's COG_WEIGHTS)",
+    )
     run.add_argument("--output-dir", default="outputs")
     learn = commands.add_parser("train", help="train a style LoRA on a zip or tar of images; the tar to --output-dir")
     learn.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",

@@ -17,7 +17,8 @@ environment: the caller passes the control types the build holds.
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from .errors import InputError, Stopped
 from .input_images import fit_image, load_image
 from .models import MODELS, FlashModel, HubRepo
+from .pipelines import derive, shares_components
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +48,9 @@ SETTING = "FLASHSD_CONTROLNETS"
 # start 0, end 1). diffusers needs start < end for each ControlNet.
 DEFAULT_CONDITIONING_SCALE = 0.75
 MIN_CONDITIONING_SCALE, MAX_CONDITIONING_SCALE = 0.0, 4.0
+# The preprocessors making each map as A1111's ControlNet extension (sd-webui-controlnet) names them: the "Module"
+# of its infotext (see infotext_fields).
+PREPROCESSORS = {CANNY: "canny", DEPTH: "depth_anything_v2"}
 # Every ControlNet repo below ships `.fp16.safetensors` beside the fp32 file (stored hub tree pages; see the rows).
 CONTROLNET_VARIANT = "fp16"
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.fp16.safetensors")
@@ -154,8 +159,10 @@ def control_repos(model: FlashModel, types: Sequence[str]) -> tuple[HubRepo, ...
 
 
 def with_controlnets(model: FlashModel, types: Sequence[str]) -> FlashModel:
-    """`model` with the repos of the ControlNets `types` added to the ones it downloads, checks and loads."""
-    return dataclasses.replace(model, extra_repos=model.extra_repos + control_repos(model, types))
+    """`model` with the repos of the ControlNets `types` added to the ones it downloads, checks and loads (those it
+    has already are not added again)."""
+    added = tuple(r for r in control_repos(model, types) if r not in model.extra_repos)
+    return dataclasses.replace(model, extra_repos=model.extra_repos + added) if added else model
 
 
 # -- the user's controls ---------------------------------------------------------------------------------------
@@ -172,9 +179,42 @@ class Control:
     start: float = 0.0  # fraction of the denoising where it starts acting (diffusers' control_guidance_start)
     end: float = 1.0  # ... and stops (control_guidance_end)
 
+    @property
+    def slot(self) -> int:
+        """Its slot's number: 1 for controlnet_1."""
+        return int(self.input.removeprefix("controlnet_"))
+
     def fitted(self, size: tuple[int, int]) -> Control:
         """This control with its photo scaled and centre-cropped to the output `size`, as `image` is."""
         return dataclasses.replace(self, image=fit_image(self.image, size))
+
+    @functools.cached_property
+    def fingerprint(self) -> tuple:
+        """What makes its map and its effect: equal fingerprints act identically (pixels compared by digest)."""
+        digest = hashlib.sha256(self.image.tobytes()).hexdigest()
+        return (self.kind, self.conditioning_scale, self.start, self.end, self.image.mode, self.image.size, digest)
+
+    def described(self) -> str:
+        """How logs name it: `canny (controlnet_1, scale 0.75, from 0 to 1)`."""
+        return f"{self.kind} ({self.input}, scale {self.conditioning_scale:g}, from {self.start:g} to {self.end:g})"
+
+
+def infotext_fields(model: FlashModel, control: Control) -> list[tuple[str, object]]:
+    """`control`'s settings as A1111's ControlNet extension writes a unit into the image's parameters (its
+    scripts/infotext.py serialize_unit: ControlNetUnit's fields, display-cased, -1 values left out): the
+    preprocessor, the ControlNet (its repo), the scale as Weight, the photo covered then centre-cropped ("Crop and
+    Resize"), canny's thresholds, and where it acts."""
+    from .control_maps import CANNY_HIGH_THRESHOLD, CANNY_LOW_THRESHOLD
+
+    fields: list[tuple[str, object]] = [
+        ("Module", PREPROCESSORS[control.kind]),
+        ("Model", FAMILIES[model.key].controlnets[control.kind].id),
+        ("Weight", f"{control.conditioning_scale:g}"),
+        ("Resize Mode", "Crop and Resize"),
+    ]
+    if control.kind == CANNY:
+        fields += [("Threshold A", CANNY_LOW_THRESHOLD), ("Threshold B", CANNY_HIGH_THRESHOLD)]
+    return fields + [("Guidance Start", f"{control.start:g}"), ("Guidance End", f"{control.end:g}")]
 
 
 @dataclass(frozen=True)
@@ -186,6 +226,18 @@ class ControlInputs:
     conditioning_scale: float = DEFAULT_CONDITIONING_SCALE
     start: float = 0.0
     end: float = 1.0
+
+
+def control_inputs(inputs: dict) -> list[ControlInputs]:
+    """The controlnet_1.. inputs of a flat `inputs` mapping (as the command line gives them), taken out of it: one
+    ControlInputs per slot, defaults where a name is absent."""
+    slots = []
+    for number in range(1, MAX_CONTROLS + 1):
+        name = f"controlnet_{number}"
+        fields = {"kind": name, "image": f"{name}_image", "conditioning_scale": f"{name}_conditioning_scale",
+                  "start": f"{name}_start", "end": f"{name}_end"}  # fmt: skip
+        slots.append(ControlInputs(**{field: inputs.pop(key) for field, key in fields.items() if key in inputs}))
+    return slots
 
 
 def _number(name: str, value, low: float, high: float) -> float:
@@ -249,24 +301,6 @@ def controls_from_inputs(model: FlashModel, held: Sequence[str], slots: Sequence
 # -- loaded ControlNets and their pipelines --------------------------------------------------------------------
 
 
-def derive_pipeline(pipe, class_name: str, controlnet):
-    """A diffusers `class_name` pipeline on the very components of `pipe` plus `controlnet`: nothing is loaded,
-    copied or cast (diffusers' from_pipe without its final `.to(dtype)`)."""
-    import diffusers
-
-    pipeline_class = getattr(diffusers, class_name)
-    accepted = inspect.signature(pipeline_class.__init__).parameters
-    arguments = {name: module for name, module in pipe.components.items() if name in accepted}
-    arguments["controlnet"] = controlnet
-    arguments |= {
-        key: value for key, value in pipe.config.items()
-        if key in accepted and key not in arguments and not key.startswith("_")
-    }  # fmt: skip
-    derived = pipeline_class(**arguments)
-    derived.set_progress_bar_config(disable=True)
-    return derived
-
-
 class ControlNets:
     """The ControlNets a build holds, loaded once on the engine's device in its dtype, the depth estimator when a
     depth ControlNet is among them, and the ControlNet pipelines built on the engine pipeline's components."""
@@ -320,30 +354,29 @@ class ControlNets:
         per (mode, kinds); built again (still sharing them) if a component of `pipe` was replaced since."""
         key = (mode, tuple(kinds))
         derived = self._pipelines.get(key)
-        if derived is None or any(
-            getattr(derived, name, None) is not module
-            for name, module in pipe.components.items()
-            if name in derived.components and name != "controlnet"
-        ):
+        if derived is None or not shares_components(derived, pipe):
             from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
             nets = [self.nets[kind] for kind in kinds]
             controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
             class_name = FAMILIES[self.model.key].pipelines[mode]
-            derived = self._pipelines[key] = derive_pipeline(pipe, class_name, controlnet)
+            derived = self._pipelines[key] = derive(pipe, class_name, controlnet=controlnet)
         return derived
 
     def maps(
         self, controls: Sequence[Control], size: tuple[int, int], stop: Callable[[], bool] | None = None
     ) -> list[Image.Image]:
         """The control map of each control, at the output `size` (width, height), from its photo fitted to it.
-        `stop()` true between two maps ends the preprocessing (errors.Stopped)."""
+        `stop()` true before or after any map ends the preprocessing (errors.Stopped)."""
         from .control_maps import canny_map
+
+        def check() -> None:
+            if stop is not None and stop():
+                raise Stopped("stopped while making the control maps: no prediction waits for them")
 
         made = []
         for control in controls:
-            if stop is not None and stop():
-                raise Stopped("stopped while making the control maps: no prediction waits for them")
+            check()
             photo = fit_image(control.image, size)
             if control.kind == CANNY:
                 made.append(canny_map(photo))
@@ -351,6 +384,7 @@ class ControlNets:
                 if self.depth is None:
                     raise ValueError("a depth control on ControlNets loaded without the depth estimator")
                 made.append(self.depth.depth_map(photo))
+        check()  # a cancel while the last map was made ends here, before the pipeline call
         return made
 
     @staticmethod

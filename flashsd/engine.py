@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from . import adapter, errors, health, logs, loras, speed
+from .control import ControlNets, with_controlnets
 from .metrics import CallStats, StageClock
 from .models import FlashModel
+from .pipelines import derive, shares_components
 from .prompts import PromptEncoder, prompt_notes, truncated_prompt_warnings
 from .recovery import PredictionGuard
 from .request import GenerationRequest, build_request, distinct_sizes
@@ -56,22 +58,6 @@ def _load_scheduler(model: FlashModel, base: Path):
     return FlashFlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler")
 
 
-def _derive(pipe, class_name: str):
-    """A `class_name` pipeline on the very components of `pipe`: diffusers' `from_pipe` without its final
-    `.to(dtype)`, so nothing is loaded, copied or cast (the shared modules stay exactly as loaded)."""
-    pipeline_class = getattr(diffusers, class_name)
-    accepted = inspect.signature(pipeline_class.__init__).parameters
-    arguments = {name: module for name, module in pipe.components.items() if name in accepted}
-    # Pipeline-level settings (requires_safety_checker, force_zeros_for_empty_prompt, ...), as from_pipe does.
-    arguments |= {
-        key: value for key, value in pipe.config.items()
-        if key in accepted and key not in arguments and not key.startswith("_")
-    }  # fmt: skip
-    derived = pipeline_class(**arguments)
-    derived.set_progress_bar_config(disable=True)
-    return derived
-
-
 class Engine:
     """A loaded Flash pipeline.
 
@@ -95,6 +81,7 @@ class Engine:
         self.fault = health.DeviceFault()  # the first fatal device error met (flashsd.health)
         self.speed = speed.SpeedState()  # what the fast path did (set in load)
         self.loras: loras.StyleLoras | None = None  # style LoRAs (set in load, for the models that take them)
+        self.controlnets: ControlNets | None = None  # the ControlNets the build holds (set in load)
         # A1111 weights and long prompts for the CLIP families (None: the pipeline reads plain text only)
         self.prompts = PromptEncoder(pipe, model.prompt_encoding) if model.prompt_encoding else None
 
@@ -112,23 +99,42 @@ class Engine:
         if mode not in self.modes:
             raise ValueError(f"{self.model.title} has no {mode} pipeline (modes: {', '.join(self.modes)})")
         derived = self._mode_pipelines.get(mode)
-        if derived is None or any(
-            getattr(derived, name, None) is not module
-            for name, module in self.pipe.components.items()
-            if name in derived.components
-        ):
+        if derived is None or not shares_components(derived, self.pipe):
             class_name = self.model.img2img_pipeline if mode == "image-to-image" else self.model.inpaint_pipeline
-            derived = self._mode_pipelines[mode] = _derive(self.pipe, class_name)
+            derived = self._mode_pipelines[mode] = derive(self.pipe, class_name)
         return derived
+
+    def pipeline_of(self, request: GenerationRequest):
+        """The pipeline that runs `request`: its mode's, or with controls, the ControlNet pipeline of its mode and
+        control types (flashsd.control), built on the same components."""
+        if not request.controls:
+            return self.pipeline_for(request.mode)
+        kinds = [c.kind for c in request.controls]
+        held = self.controlnets.types if self.controlnets is not None else ()
+        missing = [kind for kind in kinds if kind not in held]
+        if missing:  # only a caller that built the request against other settings than the engine's gets here
+            raise errors.InputError(
+                f"{self.model.title} was loaded without the {', '.join(missing)} ControlNet (FLASHSD_CONTROLNETS)."
+            )
+        return self.controlnets.pipeline(self.pipe, request.mode, kinds)
+
+    def control_maps(self, request: GenerationRequest, stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+        """The maps of `request`'s controls at its size (none without controls): on the model's thread, as the
+        depth estimator is a model. `stop()` true while they are made ends them (errors.Stopped)."""
+        if not request.controls:
+            return []
+        return self.controlnets.maps(request.controls, (request.width, request.height), stop)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every torch module the engine runs, by name: the pipeline's components, the safety checker and its second
-        opinion."""
+        opinion, the ControlNets and the depth estimator."""
         found = {name: c for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
         if self.safety_checker is not None:
             found["safety_checker"] = self.safety_checker.model
             if self.safety_checker.second_opinion is not None:
                 found["safety_second_opinion"] = self.safety_checker.second_opinion.model
+        if self.controlnets is not None:
+            found |= self.controlnets.modules()
         return found
 
     @classmethod
@@ -139,9 +145,15 @@ class Engine:
         the command that fixes it. `settings`: the container's (default: every default; nothing read here)."""
         settings = settings or Settings()
         runtime = runtime or select_runtime(settings.device)
+        model = with_controlnets(model, settings.controlnets)  # their files are checked and diagnosed too
         logs.leave_out_known_noise()
         with weights_problems(model, root):
             engine = cls._load(model, Path(root), runtime, settings)
+            if settings.controlnets:
+                engine.controlnets = ControlNets.load(model, root, runtime, settings.controlnets)
+                for mode in engine.modes:  # each type's pipelines built now, so a problem shows in setup
+                    for kind in engine.controlnets.types:
+                        engine.controlnets.pipeline(engine.pipe, mode, [kind])
         engine.speed = speed.apply_speedups(engine.pipe, model, runtime)
         if model.lora_family:
             engine.loras = loras.StyleLoras(model, engine.pipe, Path(root), settings.loras)
@@ -213,9 +225,17 @@ class Engine:
             log.setLevel(level)
         return calls
 
-    def pipeline_arguments(self, *requests: GenerationRequest) -> dict:
+    def pipeline_arguments(self, *requests: GenerationRequest, maps: Sequence[Image.Image] | None = None) -> dict:
         """The one pipeline call `requests` (one, or several of one batch_key) become; shared with the benchmarks and
-        the fidelity tests."""
+        the fidelity tests. With controls, their `maps` (control_maps; made here when not given)."""
+        first = requests[0]
+        arguments = self._call_arguments(*requests)
+        if first.controls:  # one batch_key: every request has the same controls
+            maps = self.control_maps(first) if maps is None else maps
+            arguments |= ControlNets.call_arguments(first.mode, first.controls, maps)
+        return arguments
+
+    def _call_arguments(self, *requests: GenerationRequest) -> dict:
         first = requests[0]
         arguments = dict(
             num_images_per_prompt=first.num_outputs,
@@ -253,7 +273,7 @@ class Engine:
             # steps_run / steps is exact for the steps flashsd allows, so every pipeline (SD's floor and SD3's
             # ceiling alike) runs exactly the last request.steps_run steps of the schedule.
             arguments["strength"] = first.steps_run / first.num_inference_steps
-            if "width" not in inspect.signature(self.pipeline_for(first.mode).__call__).parameters:
+            if "width" not in inspect.signature(self.pipeline_of(first).__call__).parameters:
                 # SD / SDXL image-to-image take the size from the image, which is already width x height.
                 del arguments["width"], arguments["height"]
         return arguments
@@ -289,12 +309,13 @@ class Engine:
         lora_started = time.perf_counter()
         applied = self.apply_loras(first, stop)
         lora_s = time.perf_counter() - lora_started
-        pipe = self.pipeline_for(first.mode)
+        pipe = self.pipeline_of(first)
         with StageClock(pipe, self.model.denoiser, self.runtime.device) as clock:
-            arguments = self.pipeline_arguments(*requests)
-            progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
-            noise_source = getattr(pipe.scheduler, "noise_generators", None)
             with PredictionGuard(self.modules(), first, self.runtime.device, self.fault):
+                maps = self._timed_control_maps(first, says, stop)
+                arguments = self.pipeline_arguments(*requests, maps=maps)
+                progress = logs.StepProgress(first.steps_run, says, stop).pipeline_arguments(pipe)
+                noise_source = getattr(pipe.scheduler, "noise_generators", None)
                 with noise_source(arguments["generator"]) if noise_source else contextlib.nullcontext():
                     with self._stoppable_inside_steps(stop):
                         images = pipe(**arguments, **progress).images
@@ -315,6 +336,16 @@ class Engine:
                 results.append(flagged)
         return results
 
+    def _timed_control_maps(self, request: GenerationRequest, says: Sequence[logs.Say], stop) -> list[Image.Image]:
+        if not request.controls:
+            return []
+        started = time.perf_counter()
+        maps = self.control_maps(request, stop)
+        for say in says:
+            say(logging.INFO, "Control maps (%s) made in %.2f s", ", ".join(c.kind for c in request.controls),
+                time.perf_counter() - started)  # fmt: skip
+        return maps
+
     def _announce(self, request: GenerationRequest, say: logs.Say, others: int) -> None:
         """What a prediction's logs say before its images are made: what of its prompts is not read, and the call."""
         for warning in truncated_prompt_warnings(
@@ -329,11 +360,12 @@ class Engine:
                 f"{request.steps_run} of {request.num_inference_steps} steps "
                 f"(prompt_strength {request.prompt_strength:g})"
             )
+        controls = "; ControlNet " + ", ".join(c.described() for c in request.controls) if request.controls else ""
         shared = f"; in one call with {others} other prediction(s)" if others else ""
         say(
-            logging.INFO, "Generating %d image(s) (%s) at %dx%d, %s, guidance %g; seeds %s%s", request.num_outputs,
+            logging.INFO, "Generating %d image(s) (%s) at %dx%d, %s, guidance %g; seeds %s%s%s", request.num_outputs,
             request.mode, request.width, request.height, steps, request.guidance_scale,
-            ", ".join(map(str, request.seeds)), shared,
+            ", ".join(map(str, request.seeds)), controls, shared,
         )  # fmt: skip
 
     def apply_loras(
@@ -396,16 +428,18 @@ class Engine:
 
     def batch_key(self, request: GenerationRequest) -> BatchKey:
         """Requests with equal keys can share one pipeline call: text-to-image at the same size, steps, guidance,
-        images per prompt and style LoRAs (prompts may differ). A request with an image, or a prompt that needs
-        its own embeddings (A1111 weights, more than 75 tokens), gets a key of its own and runs alone. Uses the
-        model's tokenizers: on the model's thread only."""
+        images per prompt, style LoRAs and controls (prompts may differ). Controls are equal only when their types,
+        scales, start and end and their photos' pixels are: the call then makes one map set and the ControlNets act
+        on every image as on each alone. A request with an image, or a prompt that needs its own embeddings (A1111
+        weights, more than 75 tokens), gets a key of its own and runs alone. Uses the model's tokenizers: on the
+        model's thread only."""
         texts = [request.prompt] + ([request.negative_prompt] if request.guidance_scale > 1 else [])
         alone = request.image is not None or (
             self.prompts is not None and any(map(self.prompts.needs_embeddings, texts))
         )
         return BatchKey(
             request.width, request.height, request.num_inference_steps, request.guidance_scale, request.num_outputs,
-            request.loras, alone=id(request) if alone else None,
+            request.loras, tuple(c.fingerprint for c in request.controls), alone=id(request) if alone else None,
         )  # fmt: skip
 
     def batch_budget(self, key: BatchKey) -> int:
@@ -428,6 +462,7 @@ class BatchKey:
     guidance_scale: float
     num_outputs: int
     loras: tuple
+    controls: tuple = ()  # each control's fingerprint (type, scale, start, end, the photo's digest)
     alone: int | None = None  # the id of a request that runs alone (it has an image, or needs its own embeddings)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .control import infotext_fields
+
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
 # EXIF UserComment starts with an 8-byte character-code prefix; "UNICODE" means UTF-16 (big endian,
@@ -39,24 +41,36 @@ def generation_parameters(
     model: str,
     denoising_strength: float | None = None,
     loras: Sequence[tuple[str, float, str]] = (),
+    controlnets: Sequence[tuple[int, Sequence[tuple[str, object]]]] = (),
 ) -> str:
     """The settings in Automatic1111's 'parameters' text, which image tools already parse. Image-to-image and
     inpainting add A1111's 'Denoising strength' (flashsd's prompt_strength). Style LoRAs, (name, scale, short hash)
     each, are written as A1111 writes them: `<lora:name:scale>` in the prompt line (the syntax its users type) and
     `Lora hashes: "name: hash, ..."` (extensions-builtin/Lora: names without ':' and ','; quoted by
-    modules/infotext_utils.py's quote(), as any value holding ':' or ',')."""
+    modules/infotext_utils.py's quote(), as any value holding ':' or ','). ControlNets, (unit index, its fields)
+    each, as A1111's ControlNet extension writes them: `ControlNet 0: "Module: canny, Model: ..., Weight: 0.75, ..."`
+    (its scripts/infotext.py: one entry per unit, numbered from 0, "Field: value" pairs joined by ", ", quoted)."""
     tags = "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
     lines = [prompt + tags]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     strength = "" if denoising_strength is None else f", Denoising strength: {denoising_strength:g}"
+    units = "".join(
+        f", ControlNet {index}: {_quote(', '.join(f'{field}: {value}' for field, value in fields))}"
+        for index, fields in controlnets
+    )
     hashes = ", ".join(f"{name.replace(':', '').replace(',', '')}: {short}" for name, _, short in loras if short)
-    lora_hashes = f", Lora hashes: {json.dumps(hashes, ensure_ascii=False)}" if hashes else ""
+    lora_hashes = f", Lora hashes: {_quote(hashes)}" if hashes else ""
     lines.append(
         f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale:g}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {model}{strength}{lora_hashes}"
+        f"Size: {width}x{height}, Model: {model}{strength}{units}{lora_hashes}"
     )
     return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    """A value as A1111's infotext_utils.quote() writes it: JSON-quoted when it holds ',', ':' or a newline."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def encode_image(image: Image.Image, path: Path, output_format: str, quality: int, parameters: str) -> Path:
@@ -101,6 +115,7 @@ def write_outputs(generated, request, model, directory: Path) -> list[Path]:
             model=model.title,
             denoising_strength=request.prompt_strength if request.image is not None else None,
             loras=[(lora.name, lora.scale, lora.hash) for lora in item.loras],
+            controlnets=[(c.slot - 1, infotext_fields(model, c)) for c in request.controls],
         )
         path = directory / f"flash-{model.key}-{item.seed}-{tag}.{request.output_format}"
         jobs.append((item.image, path, request.output_format, request.output_quality, parameters))

@@ -9,7 +9,7 @@ time went, for an operator reading a slow prediction. The predictor records them
                             encoding, denoising, VAE decoding, safety checker
     timing.lora_s           of which putting the style LoRAs in place (or taking the last prediction's out)
     timing.encode_prompt_s  of which the text encoders' work
-    timing.denoise_s        of which the denoising loop
+    timing.denoise_s        of which the denoising loop (ControlNets included)
     timing.encode_images_s  writing the output files (WebP/JPEG/PNG encoding), after the call
     batch.shared_with       other predictions that shared its pipeline call (0: it ran alone)
     batch.images            images its call generated, for all of them
@@ -45,8 +45,8 @@ class CallStats:
 class StageClock:
     """`with StageClock(pipe, denoiser_name, device) as clock:` the seconds the block spends in the text encoders
     (`encode_prompt_s`: every forward of every text encoder, flashsd's own for A1111 weights and long prompts as much
-    as the pipeline's) and denoising (`denoise_s`: from the start of the denoiser's first call to the end of its last),
-    read once the block has ended. On CUDA the marks are events recorded in the stream, so that a stage is timed by
+    as the pipeline's) and denoising (`denoise_s`: from the start of the first step, the denoiser's first call or a
+    ControlNet's before it, to the end of the denoiser's last call), read once the block has ended. On CUDA the marks are events recorded in the stream, so that a stage is timed by
     its kernels, not by their launch, and nothing waits for the GPU (no synchronization); on the CPU, the clock."""
 
     def __init__(self, pipe, denoiser: str, device: torch.device):
@@ -55,6 +55,7 @@ class StageClock:
             if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
         ]  # fmt: skip
         self.denoiser = getattr(pipe, denoiser)
+        self.controlnet = pipe.components.get("controlnet")  # a ControlNet pipeline's (it runs first in each step)
         self.device = device
         self._encodings: list[list] = []  # [start, end] marks of each text-encoder forward
         self._denoising: list = []  # [start, end] marks: the first call's start, the last call's end
@@ -89,7 +90,7 @@ class StageClock:
         if self._encodings and len(self._encodings[-1]) == 1:
             self._encodings[-1].append(self._mark())
 
-    def _denoiser_starts(self, module, args) -> None:
+    def _step_starts(self, module, args) -> None:
         if not self._denoising:
             self._denoising.append(self._mark())
 
@@ -100,7 +101,9 @@ class StageClock:
         for encoder in self.text_encoders:
             self._handles.append(encoder.register_forward_pre_hook(self._encoder_starts))
             self._handles.append(encoder.register_forward_hook(self._encoder_ends))
-        self._handles.append(self.denoiser.register_forward_pre_hook(self._denoiser_starts))
+        for step_module in (self.controlnet, self.denoiser):
+            if isinstance(step_module, torch.nn.Module):
+                self._handles.append(step_module.register_forward_pre_hook(self._step_starts))
         self._handles.append(self.denoiser.register_forward_hook(self._denoiser_ends))
         return self
 

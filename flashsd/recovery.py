@@ -63,6 +63,8 @@ def out_of_memory_message(request: GenerationRequest, device: torch.device) -> s
         f"the size (it is {request.width}x{request.height}, {megapixels:.1f} megapixels: pick a smaller "
         "aspect_ratio, or smaller width and height with aspect_ratio 'custom')"
     )
+    if len(request.controls) > 1:
+        lower.append(f"the number of controls (it is {len(request.controls)}; each ControlNet runs at every step)")
     if request.guidance_scale > 1:
         lower.append(
             f"guidance_scale to 1 or less (it is {request.guidance_scale:g}; above 1 each image is computed twice)"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING
 
+from .control import Control, ControlInputs, controls_from_inputs
 from .errors import InputError
 from .input_images import fit_image, fit_mask, load_image, load_mask, repainted_fraction
-from .loras.sources import StyleLora, parse_lora_source
+from .loras.sources import StyleLora, TrainedLora, parse_lora_source
 from .models import MODELS, FlashModel, lora_models
 
 if TYPE_CHECKING:
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5", "21:9", "9:21")
 CUSTOM = "custom"
-# The default: with an image, the output keeps the image's aspect ratio; without one it is square (1:1).
+# The default: with an image (else a control's photo), the output keeps its aspect ratio; without either it is square.
 MATCH_INPUT = "match_input_image"
 DEFAULT_PROMPT_STRENGTH = 0.8
 OUTPUT_FORMATS = ("webp", "jpg", "png")
@@ -120,6 +122,8 @@ class GenerationRequest:
     prompt_strength: float = DEFAULT_PROMPT_STRENGTH  # used only with an image
     check_safety: bool = True  # the safety checker screens the images (disable_safety_checker=false)
     loras: tuple[StyleLora, ...] = ()  # style LoRAs, fused on top of the Flash adapter (flashsd.loras)
+    # ControlNet controls (flashsd.control), in slot order, their photos already width x height
+    controls: tuple[Control, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -194,10 +198,16 @@ def build_request(
     lora_scale: float = 1.0,
     extra_lora: str | None = "",
     extra_lora_scale: float = 1.0,
+    controls: Sequence[ControlInputs] = (),
+    controlnets: Sequence[str] = (),
+    default_lora: TrainedLora | None = None,
 ) -> GenerationRequest:
     """Validate everything the user sent; the first problem found is raised as InputError.
 
-    `image` and `mask` are paths (or PIL images): `image` alone is image-to-image, both are inpainting.
+    `image` and `mask` are paths (or PIL images): `image` alone is image-to-image, both are inpainting. `controls`:
+    the controlnet_1.. slots' inputs; `controlnets`: the control types this build holds (FLASHSD_CONTROLNETS).
+    `default_lora`: what an empty `lora_weights` stands for (at `lora_scale`): the LoRA of the training a model version
+    was made from (flashsd.loras.trained).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("prompt is empty: describe the image to generate.")
@@ -228,6 +238,8 @@ def build_request(
                     "where to repaint, black where to keep."
                 )
 
+    checked_controls = controls_from_inputs(model, controlnets, controls)
+
     if aspect_ratio == CUSTOM:
         width, height = _side("width", width), _side("height", height)
     elif aspect_ratio in ASPECT_RATIOS or aspect_ratio == MATCH_INPUT:
@@ -235,6 +247,8 @@ def build_request(
             named = aspect_ratio_size(aspect_ratio, model.native_size)
         elif source is not None:
             named = matching_size(*source.size, model.native_size)
+        elif checked_controls:  # no image: the first control's photo gives the shape
+            named = matching_size(*checked_controls[0].image.size, model.native_size)
         else:
             named = aspect_ratio_size("1:1", model.native_size)
         if width is not None or height is not None:
@@ -266,7 +280,7 @@ def build_request(
     if not isinstance(disable_safety_checker, bool):
         raise InputError(f"disable_safety_checker must be true or false, got {disable_safety_checker!r}.")
     loras = style_loras(model, (("lora_weights", lora_weights, "lora_scale", lora_scale),
-                                ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale)))  # fmt: skip
+                                ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale)), default_lora)  # fmt: skip
 
     fitted = fitted_mask = None
     if source is not None:
@@ -300,16 +314,19 @@ def build_request(
         prompt_strength=prompt_strength,
         check_safety=not disable_safety_checker,
         loras=loras,
+        controls=tuple(control.fitted((width, height)) for control in checked_controls),
     )
 
 
-def style_loras(model: FlashModel, inputs) -> tuple[StyleLora, ...]:
+def style_loras(model: FlashModel, inputs, default: TrainedLora | None = None) -> tuple[StyleLora, ...]:
     """The style LoRAs of (input, source, scale input, scale) rows: an empty source is no LoRA (its scale is still
-    checked, as Cog always sends one)."""
+    checked, as Cog always sends one), but for the first row, which `default` then stands in for."""
     found = []
-    for name, source, scale_name, scale in inputs:
+    for row, (name, source, scale_name, scale) in enumerate(inputs):
         scale = _in_range(scale_name, scale, MIN_LORA_SCALE, MAX_LORA_SCALE, float)
         if source is None or (isinstance(source, str) and not source.strip()):
+            if row == 0 and default is not None:
+                found.append(default.at(scale))
             continue
         if not isinstance(source, str):
             raise InputError(f"{name} must be text (a URL or a Hugging Face repo), got {type(source).__name__}.")

@@ -46,9 +46,10 @@ def tiny_png(size: tuple[int, int] = (64, 64), color=(200, 30, 30), mode: str = 
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def tiny_server(weights: Path, model: str, folder: Path) -> CogServer:
-    """The server of `model` on a tiny weights root, its log in `folder` (use as a context manager)."""
-    return CogServer({"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": model}, folder / "server.log")
+def tiny_server(weights: Path, model: str, folder: Path, **env: str) -> CogServer:
+    """The server of `model` on a tiny weights root, its log in `folder`, with any other settings `env` (use as a
+    context manager)."""
+    return CogServer({"FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": model, **env}, folder / "server.log")
 
 
 class CogServer:

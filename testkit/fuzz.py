@@ -6,8 +6,9 @@ Requests are generated from the server's own OpenAPI schema (GET /openapi.json),
 without touching this file: wrong types, out-of-range and boundary values, bad choices, explicit nulls,
 missing and unknown fields, empty / whitespace-only / huge (100 kB) / non-Latin / over-77-token prompts,
 hostile A1111 prompt syntax (thousands of nested or unbalanced brackets, BREAKs, weights past float's range),
-malformed JSON and wrong content types, cross-field mistakes, `num_outputs` 4 at the largest size, and
-seeded random mixtures of all of these. Each request must end as one of:
+malformed JSON and wrong content types, cross-field mistakes, `num_outputs` 4 at the largest size, structure
+controls (each type, several at once, with image-to-image and inpainting, a type without a photo and a photo without
+a type, start after end), and seeded random mixtures of all of these. Each request must end as one of:
 
 - HTTP 4xx with a clear message (422 `detail` naming the field, 400 naming the JSON problem, 409 busy, ...);
 - HTTP 200 `status: failed` with an error that names the input at fault and is not a traceback;
@@ -177,11 +178,19 @@ def _wrong_types(kind: str) -> list[tuple[str, Any]]:
 
 class Generator:
     """Cases from an OpenAPI document; `base` is a valid, cheap request (64x64 when 'custom' exists). `model`
-    (a flashsd model key) decides whether image inputs are accepted."""
+    (a flashsd model key) decides whether image inputs are accepted, `controlnets` which control types are."""
 
-    def __init__(self, schema: dict, seed: int = 0, closed_port: int | None = None, model: str = "sdxl"):
+    def __init__(
+        self,
+        schema: dict,
+        seed: int = 0,
+        closed_port: int | None = None,
+        model: str = "sdxl",
+        controlnets: tuple[str, ...] = (),
+    ):
         self.schema = schema
         self.model = model
+        self.controlnets = controlnets  # the control types the server's build holds (FLASHSD_CONTROLNETS)
         self.uploads: dict[str, Upload] = {}
         # Each style-LoRA source sent: the start of the error it causes (None: no LoRA, or a fine one).
         self.lora_values: dict[str, str | None] = {}
@@ -270,6 +279,8 @@ class Generator:
     def uri_cases(self, name: str) -> list[Case]:
         """A file input: what coglet downloads or decodes before predict() sees a path."""
         other = {"mask": {"image": self.png()}}.get(name, {})
+        if name.startswith("controlnet_") and name.endswith("_image"):  # a control image is read only for a type
+            other = {name.removesuffix("_image"): (self.controlnets or ("canny",))[0]}
         unreadable, not_image = Upload("{name} could not be read"), Upload("{name} is not an image")
         values = [
             ("empty", self.file("", unreadable)),  # the empty path: the working directory
@@ -390,7 +401,42 @@ class Generator:
         ]
         if {"lora_weights", "extra_lora"} <= set(p):
             cases += self.lora_cases()
+        if {"controlnet_1", "controlnet_1_image", "controlnet_3_image"} <= set(p):
+            cases += self.control_cases()
         return self.expecting(cases)
+
+    def control_cases(self) -> list[Case]:
+        """Structure controls as users mix them: each type alone and together, with image-to-image and inpainting,
+        deciding the size, in the wrong order of start and end, a type without a photo, a photo without a type."""
+        photo, wide = self.png((64, 64), (40, 200, 90)), self.png((128, 64), (30, 30, 220))
+        mask = self.png((64, 64), 255, "L")
+        cases = [
+            Case(f"control: {kind}", self.with_(controlnet_1=kind, controlnet_1_image=photo), names=("controlnet_1",))
+            for kind in ("canny", "depth")
+        ]
+        cases += [
+            Case("control: canny and depth", self.with_(controlnet_1="canny", controlnet_1_image=photo,
+                 controlnet_3="depth", controlnet_3_image=wide, controlnet_3_conditioning_scale=2.5),
+                 names=("controlnet_1", "controlnet_3")),
+            Case("control: three at once", self.with_(**{f"controlnet_{n}": "canny" for n in (1, 2, 3)},
+                 **{f"controlnet_{n}_image": photo for n in (1, 2, 3)}), names=("controlnet_1",)),
+            Case("control: with image to image", self.with_(image=photo, controlnet_2="canny", controlnet_2_image=wide),
+                 names=("controlnet_2", "image")),
+            Case("control: with inpainting", self.with_(image=photo, mask=mask, controlnet_1="depth",
+                 controlnet_1_image=photo), names=("controlnet_1", "mask")),
+            Case("control: sets the size", self.with_(aspect_ratio="match_input_image", width=_DROP, height=_DROP,
+                 controlnet_1="canny", controlnet_1_image=wide), names=("controlnet_1",), heavy=True),
+            Case("control: start after end", self.with_(controlnet_2="depth", controlnet_2_image=photo,
+                 controlnet_2_start=0.8, controlnet_2_end=0.2), names=("controlnet_2_start",)),
+            Case("control: start equals end", self.with_(controlnet_1="canny", controlnet_1_image=photo,
+                 controlnet_1_start=0.5, controlnet_1_end=0.5), names=("controlnet_1_start",)),
+            Case("control: a type without a photo", self.with_(controlnet_3="depth"), names=("controlnet_3",)),
+            Case("control: a photo without a type", self.with_(controlnet_2_image=photo), names=("controlnet_2",)),
+            Case("control: scale 0 and a short window", self.with_(controlnet_1="canny", controlnet_1_image=photo,
+                 controlnet_1_conditioning_scale=0, controlnet_1_start=0.9, controlnet_1_end=1),
+                 names=("controlnet_1",)),
+        ]  # fmt: skip
+        return cases
 
     def lora_cases(self) -> list[Case]:
         """Style-LoRA sources that name nothing fetchable, or that cannot be fetched from here (the server has no
@@ -638,6 +684,7 @@ class Generator:
                         problems.append(f"{side}={value} is not allowed")
             elif v.get("width") is not None or v.get("height") is not None:
                 problems.append(f"width and height are only used with aspect_ratio='{CUSTOM}'")
+        problems += self.control_problems(v)
         for name, prop in self.properties.items():  # an integral float passes the schema, not flashsd
             if prop.get("type") == "integer" and name not in ("width", "height") and isinstance(v.get(name), float):
                 problems.append(f"{name} must be a whole number")
@@ -649,6 +696,34 @@ class Generator:
                 problem = self.lora_values[value] if takes else "takes no style LoRA"  # every value sent is recorded
                 if problem:
                     problems.append(problem)
+        return problems
+
+    def control_problems(self, v: dict) -> list[str]:
+        """What flashsd.control's rules find in the controlnet_1.. slots of inputs `v` (defaults applied) that passed
+        the schema: each slot in turn, a photo read only for a type the build holds."""
+        from flashsd.control import FAMILIES, MAX_CONTROLS, NONE
+
+        problems = []
+        for number in range(1, MAX_CONTROLS + 1):
+            name = f"controlnet_{number}"
+            if name not in self.properties:
+                continue
+            kind, image = v.get(name) or NONE, v.get(f"{name}_image")
+            upload = self.uploads[image] if image is not None else None  # every value sent is recorded
+            start, end = v.get(f"{name}_start"), v.get(f"{name}_end")
+            if kind == NONE:
+                if upload is not None:
+                    problems.append(f"{name}_image was given but {name} is '{NONE}'")
+            elif self.model not in FAMILIES:
+                problems.append("takes no ControlNet")
+            elif kind not in self.controlnets:
+                problems.append(f"{name}='{kind}': this model holds")
+            elif upload is None:
+                problems.append(f"{name}='{kind}' needs {name}_image")
+            elif start >= end:
+                problems.append(f"{name}_start={start:g} must be below {name}_end={end:g}")
+            elif upload.problem:
+                problems.append(upload.problem.format(name=f"{name}_image"))
         return problems
 
     def cases(self, mixtures: int = 200) -> list[Case]:

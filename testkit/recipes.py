@@ -121,6 +121,13 @@ def run_card(pipe, key: str, seeds: Sequence[int], *, width: int = WIDTH, height
     return pipe(**arguments).images
 
 
+def a1111_emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis, as its modules/sd_emphasis.py "Original" (the default) states it: the hidden states times
+    each token's weight, then scaled so that their mean is the unweighted mean."""
+    weighted = states.double() * weights.double()[:, None]
+    return weighted * (states.double().mean() / weighted.mean())
+
+
 def card_request(key: str, **inputs):
     """flashsd's request for what run_card asks by default (prompt, seed, size), `inputs` overriding."""
     return build_request(MODELS[key], **{"prompt": PROMPT, "seed": SEED, "aspect_ratio": "custom", "width": WIDTH,

@@ -36,6 +36,29 @@ def engines(tiny_weights):
     return get
 
 
+@pytest.fixture(scope="session")
+def control_engines(tiny_weights):
+    """control_engines(key): the Engine of model `key` built with every ControlNet it takes (FLASHSD_CONTROLNETS=
+    canny,depth) on the tiny weights (CPU, fp32), loaded once for the session. Tests put it back as they found it."""
+    import torch
+
+    from flashsd.control import CONTROL_TYPES
+    from flashsd.engine import Engine
+    from flashsd.models import MODELS
+    from flashsd.runtime import Runtime
+    from flashsd.settings import Settings
+
+    loaded = {}
+
+    def get(key):
+        if key not in loaded:
+            settings = Settings(controlnets=CONTROL_TYPES)
+            loaded[key] = Engine.load(MODELS[key], tiny_weights, Runtime(torch.device("cpu"), torch.float32), settings)
+        return loaded[key]
+
+    return get
+
+
 @pytest.fixture
 def unpickling(monkeypatch) -> list:
     """Every attempt to unpickle (torch.load, pickle.load/loads) is refused and recorded in the returned list."""

@@ -1,138 +1,38 @@
 """Structure control against the recipes it promises: jasperai/flash-sdxl's card ("Combining Flash Diffusion with
-Existing ControlNets"), diffusers' multi-ControlNet call and control_guidance_start/end, on tiny random-weight
-checkpoints in the real layouts. The references are written with plain diffusers, transformers and OpenCV."""
+Existing ControlNets"), diffusers' multi-ControlNet call and control_guidance_start/end, the image modes' ControlNet
+pipelines, on tiny random-weight checkpoints in the real layouts, through the engine's one generation path. The
+references are written with plain diffusers, transformers and OpenCV (testkit/control_recipes.py)."""
 
-import cv2
 import numpy as np
 import pytest
-import torch
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    LCMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLControlNetPipeline,
-)
 from PIL import Image
-from transformers import DepthAnythingForDepthEstimation, DPTImageProcessorPil
 
 from flashsd import control
-from flashsd.control import Control, ControlInputs, ControlNets, controls_from_inputs
+from flashsd.control import ControlInputs, controls_from_inputs
 from flashsd.control_maps import canny_map
 from flashsd.errors import InputError
 from flashsd.models import MODELS
-from flashsd.request import build_request
-from flashsd.runtime import Runtime
-
-CPU32 = Runtime(torch.device("cpu"), torch.float32)
-WIDTH, HEIGHT = 128, 96
-SEEDS = [1234, 1235]
-PROMPT = "a lighthouse at dawn"
-BASE = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-LORA = {"sdxl": "jasperai/flash-sdxl", "sd15": "jasperai/flash-sd"}
-
-
-def photo(width=WIDTH, height=HEIGHT, seed=0) -> Image.Image:
-    """A photo with structure for edges and depth: shapes on a gradient, a little noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], axis=2)
-    pixels[height // 4 : height * 3 // 4, width // 5 : width // 2] = (220, 40, 40)
-    pixels[(x - width * 0.7) ** 2 + (y - height * 0.5) ** 2 < (height * 0.25) ** 2] = (30, 200, 90)
-    pixels = pixels + rng.integers(0, 12, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+from flashsd.request import build_request, matching_size
+from testkit.control_recipes import (
+    SEEDS,
+    card_canny,
+    card_depth,
+    control_card_pipeline,
+    control_request,
+    photo,
+)
+from testkit.pixels import max_difference as difference
+from testkit.recipes import HEIGHT, PROMPT, WIDTH, run_card
 
 
-def difference(a, b) -> int:
-    return int(np.abs(np.asarray(a.convert("RGB"), np.int16) - np.asarray(b.convert("RGB"), np.int16)).max())
+def flashsd_images(control_engines, key, slots, **inputs):
+    """What flashsd makes of a request with the controls `slots`: the engine's one generation path."""
+    return [g.image for g in control_engines(key).generate(control_request(key, slots, **inputs))]
 
 
-@pytest.fixture(scope="session")
-def controlnets(tiny_weights):
-    loaded = {}
-
-    def get(key):
-        if key not in loaded:
-            loaded[key] = ControlNets.load(MODELS[key], tiny_weights, CPU32, control.CONTROL_TYPES)
-        return loaded[key]
-
-    return get
-
-
-def flashsd_images(engines, controlnets, key, controls, *, mode="text-to-image", **inputs):
-    """What flashsd makes of a request with `controls`: the engine's arguments plus the control module's."""
-    engine, nets = engines(key), controlnets(key)
-    request = build_request(
-        MODELS[key], prompt=PROMPT, seed=SEEDS[0], num_outputs=len(SEEDS), aspect_ratio="custom", width=WIDTH,
-        height=HEIGHT, **inputs,
-    )  # fmt: skip
-    maps = nets.maps(controls, (WIDTH, HEIGHT))
-    pipe = nets.pipeline(engine.pipe, mode, [c.kind for c in controls])
-    arguments = engine.pipeline_arguments(request) | nets.call_arguments(mode, controls, maps)
-    return pipe(**arguments).images
-
-
-# -- the references, written independently of flashsd -------------------------------------------------------------
-
-
-def card_canny(image: Image.Image) -> Image.Image:
-    """The card's canny map, as its code makes it."""
-    image = np.array(image)
-    image = cv2.Canny(image, 100, 200)
-    image = image[:, :, None]
-    image = np.concatenate([image, image, image], axis=2)
-    return Image.fromarray(image)
-
-
-def card_depth(root, image: Image.Image) -> Image.Image:
-    """diffusers/controlnet-depth-sdxl-1.0's card's depth map, with Depth Anything V2 Small as the estimator."""
-    folder = root / "depth-anything/Depth-Anything-V2-Small-hf"
-    estimator = DepthAnythingForDepthEstimation.from_pretrained(folder)
-    processor = DPTImageProcessorPil.from_pretrained(folder)
-    pixels = processor(images=image, return_tensors="pt").pixel_values
-    with torch.no_grad():
-        depth_map = estimator(pixels).predicted_depth
-    depth_map = torch.nn.functional.interpolate(
-        depth_map.unsqueeze(1), size=(image.height, image.width), mode="bicubic", align_corners=False
-    )
-    depth_min = torch.amin(depth_map, dim=[1, 2, 3], keepdim=True)
-    depth_max = torch.amax(depth_map, dim=[1, 2, 3], keepdim=True)
-    depth_map = (depth_map - depth_min) / (depth_max - depth_min)
-    image = torch.cat([depth_map] * 3, dim=1)
-    image = image.permute(0, 2, 3, 1).cpu().numpy()[0]
-    return Image.fromarray((image * 255.0).clip(0, 255).astype(np.uint8))
-
-
-def card_pipeline(root, key, kinds, pipeline_class=None):
-    """The card's recipe: the ControlNet pipeline from the base repo with the ControlNet(s), Flash LoRA loaded and
-    fused, LCM trailing."""
-    nets = [
-        ControlNetModel.from_pretrained(root / control.FAMILIES[key].controlnets[kind].id, variant="fp16")
-        for kind in kinds
-    ]
-    base = root / BASE[key]
-    extra = {"vae": AutoencoderKL.from_pretrained(root / "madebyollin/sdxl-vae-fp16-fix")} if key == "sdxl" else {}
-    if key == "sd15":
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipeline_class = pipeline_class or (
-        StableDiffusionXLControlNetPipeline if key == "sdxl" else StableDiffusionControlNetPipeline
-    )
-    pipe = pipeline_class.from_pretrained(
-        base, controlnet=nets[0] if len(nets) == 1 else nets, variant="fp16", torch_dtype=torch.float32, **extra
-    )
-    pipe.scheduler = LCMScheduler.from_pretrained(base, subfolder="scheduler", timestep_spacing="trailing")
-    pipe.load_lora_weights(root / LORA[key])
-    pipe.fuse_lora()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_card(pipe, **call):
-    return pipe(
-        prompt=PROMPT, num_inference_steps=4, guidance_scale=0.0, num_images_per_prompt=len(SEEDS),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS], **call,
-    ).images  # fmt: skip
+def card(key, root, kinds, pipeline=None, **call):
+    """The card's recipe's images for SEEDS (testkit/control_recipes.py)."""
+    return run_card(control_card_pipeline(key, root, kinds, pipeline), key, SEEDS, **call)
 
 
 # -- maps ------------------------------------------------------------------------------------------------------
@@ -140,111 +40,114 @@ def run_card(pipe, **call):
 
 def test_the_canny_map_is_the_cards():
     picture = photo()
-    ours, card = canny_map(picture), card_canny(picture)
+    ours, theirs = canny_map(picture), card_canny(picture)
     assert ours.mode == "RGB" and ours.size == picture.size
-    assert np.array_equal(np.asarray(ours), np.asarray(card))
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert 0 < np.asarray(ours).mean() < 255  # edges found, not everything
 
 
-def test_the_depth_map_is_the_depth_cards_normalisation_of_depth_anything(controlnets, tiny_weights):
+def test_the_depth_map_is_the_depth_cards_normalisation_of_depth_anything(control_engines, tiny_weights):
     picture = photo()
-    (ours,) = controlnets("sdxl").maps([Control("controlnet_1", "depth", picture)], picture.size)
-    card = card_depth(tiny_weights, picture)
+    (ours,) = control_engines("sdxl").control_maps(control_request("sdxl", [("depth", picture)]))
     values = np.asarray(ours)
     assert ours.size == picture.size and values.min() == 0 and values.max() == 255  # min-max normalised
-    assert difference(ours, card) <= 1
+    assert difference(ours, card_depth(tiny_weights, picture)) <= 1
 
 
-def test_maps_are_made_from_the_photo_fitted_to_the_output_size(controlnets):
+def test_maps_are_made_from_the_photo_fitted_to_the_output_size(control_engines):
     wide = photo(256, 96)
-    (ours,) = controlnets("sdxl").maps([Control("controlnet_1", "canny", wide)], (WIDTH, HEIGHT))
+    request = control_request("sdxl", [("canny", wide)])
+    (ours,) = control_engines("sdxl").control_maps(request)
     centre = wide.crop((64, 0, 192, 96))  # scaled to cover 128x96 (it already does), centre-cropped
-    assert ours.size == (WIDTH, HEIGHT)
+    assert request.controls[0].image.size == ours.size == (WIDTH, HEIGHT)  # the request keeps only the fitted photo
     assert np.array_equal(np.asarray(ours), np.asarray(card_canny(centre)))
 
 
-# -- the card's recipe, multi-ControlNet, start/end -------------------------------------------------------------
+# -- the card's recipe, multi-ControlNet, start/end, the image modes ------------------------------------------------
 
 
-def test_text_to_image_with_a_canny_control_equals_the_cards_recipe(engines, controlnets, tiny_weights):
+def test_text_to_image_with_a_canny_control_equals_the_cards_recipe(control_engines, tiny_weights):
     picture = photo()
-    ours = flashsd_images(engines, controlnets, "sdxl", [Control("controlnet_1", "canny", picture, 0.5)])
-    card = run_card(card_pipeline(tiny_weights, "sdxl", ["canny"]), image=card_canny(picture),
-                    controlnet_conditioning_scale=0.5)  # fmt: skip
-    without = (
-        engines("sdxl")
-        .generate(
-            build_request(
-                MODELS["sdxl"], prompt=PROMPT, seed=SEEDS[0], aspect_ratio="custom", width=WIDTH, height=HEIGHT
-            )
-        )[0]
-        .image
-    )
-    assert difference(card[0], without) > 10  # the control matters to the recipe
-    for mine, theirs in zip(ours, card, strict=True):
+    ours = flashsd_images(control_engines, "sdxl", [("canny", picture, 0.5)])
+    theirs = card("sdxl", tiny_weights, ["canny"], image=card_canny(picture), controlnet_conditioning_scale=0.5)
+    without = flashsd_images(control_engines, "sdxl", [])
+    assert difference(theirs[0], without[0]) > 10  # the control matters to the recipe
+    for mine, reference in zip(ours, theirs, strict=True):
         assert mine.size == (WIDTH, HEIGHT)
-        assert difference(mine, theirs) <= 1
+        assert difference(mine, reference) <= 1
 
 
-def test_several_controls_equal_diffusers_multi_controlnet_call(engines, controlnets, tiny_weights):
+def test_several_controls_equal_diffusers_multi_controlnet_call(control_engines, tiny_weights):
     first, second = photo(seed=1), photo(seed=2).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    controls = [Control("controlnet_1", "canny", first, 0.8), Control("controlnet_2", "depth", second, 1.3)]
-    ours = flashsd_images(engines, controlnets, "sdxl", controls)
-    card = run_card(
-        card_pipeline(tiny_weights, "sdxl", ["canny", "depth"]),
-        image=[card_canny(first), card_depth(tiny_weights, second)], controlnet_conditioning_scale=[0.8, 1.3],
+    ours = flashsd_images(control_engines, "sdxl", [("canny", first, 0.8), ("none",), ("depth", second, 1.3)])
+    theirs = card(
+        "sdxl", tiny_weights, ["canny", "depth"], image=[card_canny(first), card_depth(tiny_weights, second)],
+        controlnet_conditioning_scale=[0.8, 1.3],
     )  # fmt: skip
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
-def test_start_and_end_equal_diffusers_control_guidance_start_and_end(engines, controlnets, tiny_weights):
+def test_start_and_end_equal_diffusers_control_guidance_start_and_end(control_engines, tiny_weights):
     picture = photo()
-    ours = flashsd_images(engines, controlnets, "sdxl", [Control("controlnet_1", "canny", picture, 1.0, 0.3, 0.6)])
-    pipe = card_pipeline(tiny_weights, "sdxl", ["canny"])
-    card = run_card(pipe, image=card_canny(picture), control_guidance_start=0.3, control_guidance_end=0.6)
-    whole = run_card(pipe, image=card_canny(picture))
-    assert difference(card[0], whole[0]) > 1  # start/end change the recipe's image
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    ours = flashsd_images(control_engines, "sdxl", [("canny", picture, 1.0, 0.3, 0.6)])
+    pipe = control_card_pipeline("sdxl", tiny_weights, ["canny"])
+    theirs = run_card(pipe, "sdxl", SEEDS, image=card_canny(picture), controlnet_conditioning_scale=1.0,
+                      control_guidance_start=0.3, control_guidance_end=0.6)  # fmt: skip
+    whole = run_card(pipe, "sdxl", SEEDS, image=card_canny(picture), controlnet_conditioning_scale=1.0)
+    assert difference(theirs[0], whole[0]) > 1  # start/end change the recipe's image
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
 @pytest.mark.parametrize("kind", ["canny", "depth"])
-def test_flash_sd_with_a_control_equals_diffusers_controlnet_pipeline(engines, controlnets, tiny_weights, kind):
+def test_flash_sd_with_a_control_equals_diffusers_controlnet_pipeline(control_engines, tiny_weights, kind):
     picture = photo(seed=3)
-    ours = flashsd_images(engines, controlnets, "sd15", [Control("controlnet_1", kind, picture)])
+    ours = flashsd_images(control_engines, "sd15", [(kind, picture)])
     control_map = card_canny(picture) if kind == "canny" else card_depth(tiny_weights, picture)
-    card = run_card(card_pipeline(tiny_weights, "sd15", [kind]), image=control_map, controlnet_conditioning_scale=0.75)
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    theirs = card("sd15", tiny_weights, [kind], image=control_map, controlnet_conditioning_scale=0.75)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
 
 
-def test_image_to_image_with_a_control_equals_diffusers_controlnet_img2img(engines, controlnets, tiny_weights):
+def test_image_to_image_with_a_control_equals_diffusers_controlnet_img2img(control_engines, tiny_weights):
     start, structure = photo(seed=4), photo(seed=5)
-    controls = [Control("controlnet_1", "canny", structure)]
-    ours = flashsd_images(
-        engines, controlnets, "sdxl", controls, mode="image-to-image", image=start, prompt_strength=0.75
-    )
-    card = run_card(
-        card_pipeline(tiny_weights, "sdxl", ["canny"], StableDiffusionXLControlNetImg2ImgPipeline),
-        image=[start] * len(SEEDS), control_image=card_canny(structure), strength=0.75, width=WIDTH, height=HEIGHT,
+    ours = flashsd_images(control_engines, "sdxl", [("canny", structure)], image=start, prompt_strength=0.75)
+    theirs = card(
+        "sdxl", tiny_weights, ["canny"], "StableDiffusionXLControlNetImg2ImgPipeline", image=[start] * len(SEEDS),
+        control_image=card_canny(structure), strength=0.75, controlnet_conditioning_scale=0.75,
+    )  # fmt: skip
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert difference(mine, reference) <= 1
+
+
+def test_inpainting_with_a_control_equals_diffusers_controlnet_inpainting(control_engines, tiny_weights):
+    start, structure = photo(seed=6), photo(seed=7)
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    mask.paste(255, (32, 16, 96, 80))
+    ours = flashsd_images(control_engines, "sd15", [("canny", structure)], image=start, mask=mask, prompt_strength=1)
+    theirs = card(
+        "sd15", tiny_weights, ["canny"], "StableDiffusionControlNetInpaintPipeline", image=[start] * len(SEEDS),
+        mask_image=[mask] * len(SEEDS), control_image=card_canny(structure), strength=1.0,
         controlnet_conditioning_scale=0.75,
     )  # fmt: skip
-    for mine, theirs in zip(ours, card, strict=True):
-        assert difference(mine, theirs) <= 1
+    without = flashsd_images(control_engines, "sd15", [], image=start, mask=mask, prompt_strength=1)
+    assert difference(ours[0], without[0]) > 10  # the control acts in the repainted area
+    for mine, reference in zip(ours, theirs, strict=True):
+        # flashsd keeps the input's own pixels outside the mask (README: inpainting); so is the reference read
+        assert difference(mine, Image.composite(reference, start, mask)) <= 1
 
 
-def test_conditioning_scale_zero_gives_the_image_without_control(engines, controlnets):
-    (ours, _) = flashsd_images(engines, controlnets, "sdxl", [Control("controlnet_1", "canny", photo(), 0.0)])
-    request = build_request(
-        MODELS["sdxl"], prompt=PROMPT, seed=SEEDS[0], aspect_ratio="custom", width=WIDTH, height=HEIGHT
-    )
-    assert difference(ours, engines("sdxl").generate(request)[0].image) <= 1
+def test_conditioning_scale_zero_gives_the_image_without_control(control_engines):
+    (ours, _) = flashsd_images(control_engines, "sdxl", [("canny", photo(), 0.0)])
+    (without, _) = flashsd_images(control_engines, "sdxl", [])
+    assert difference(ours, without) <= 1
 
 
-def test_control_pipelines_share_the_engines_weights(engines, controlnets):
-    engine, nets = engines("sdxl"), controlnets("sdxl")
-    pipe = nets.pipeline(engine.pipe, "text-to-image", ["canny", "depth"])
+def test_control_pipelines_share_the_engines_weights(control_engines):
+    engine = control_engines("sdxl")
+    nets = engine.controlnets
+    pipe = engine.pipeline_of(control_request("sdxl", [("canny", photo()), ("depth", photo())]))
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
         assert getattr(pipe, name) is getattr(engine.pipe, name), name
     assert list(pipe.controlnet.nets) == [nets.nets["canny"], nets.nets["depth"]]
@@ -298,6 +201,46 @@ def test_an_undecodable_control_image_is_refused_naming_the_input(tmp_path):
     assert str(error.value).startswith("controlnet_1_image ")
 
 
+@pytest.mark.parametrize(
+    "side, said",
+    [(10_001, "controlnet_2_image is 10001x10001 (100 megapixels): the limit is 100 megapixels"),
+     (13_400, "controlnet_2_image is too large")],  # past Pillow's own decompression-bomb bound: refused on opening
+)  # fmt: skip
+def test_a_huge_control_image_is_refused_before_it_is_decoded(tmp_path, side, said):
+    huge = tmp_path / "huge.png"
+    Image.new("1", (side, side)).save(huge)  # one bit per pixel: a few MB to write, gigabytes to decode as RGB
+    with pytest.raises(InputError) as error:
+        control_request("sdxl", [("none",), ("canny", huge)])
+    assert said in str(error.value)
+
+
+def test_the_first_controls_photo_sets_the_size_under_match_input_image_when_there_is_no_image():
+    wide, tall = photo(192, 96), photo(64, 128)
+    match = dict(aspect_ratio="match_input_image", width=None, height=None)
+    request = control_request("sdxl", [("none",), ("canny", wide), ("depth", tall)], **match)
+    assert (request.width, request.height) == matching_size(192, 96, 1024)
+    assert 1.98 < request.width / request.height < 2.02
+    assert [c.image.size for c in request.controls] == [(request.width, request.height)] * 2  # both fitted to it
+    # an image decides over the controls; a named ratio decides over both
+    assert control_request("sdxl", [("canny", wide)], image=tall, **match).width < 1024
+    named = control_request("sdxl", [("canny", wide)], aspect_ratio="9:16", width=None, height=None)
+    assert (named.width, named.height) == (768, 1360)
+    plain = build_request(MODELS["sdxl"], prompt=PROMPT)
+    assert (plain.width, plain.height) == (1024, 1024)  # no image, no control: square
+
+
+def test_the_command_lines_flat_inputs_become_the_three_slots():
+    inputs = {"prompt": "x", "controlnet_2": "depth", "controlnet_2_image": "p.png", "controlnet_2_end": 0.5}
+    slots = control.control_inputs(inputs)
+    assert inputs == {"prompt": "x"}  # taken out, so build_request sees only its own inputs
+    assert slots == [ControlInputs(), ControlInputs("depth", "p.png", end=0.5), ControlInputs()]
+
+
+def test_flash_sd3_gets_a_clear_message_for_a_control():
+    with pytest.raises(InputError, match="Flash SD3 takes no ControlNet .flashsd holds no ControlNet for it yet"):
+        build_request(MODELS["sd3"], prompt=PROMPT, controls=[ControlInputs("canny", photo())], controlnets=())
+
+
 # -- which repos a build holds ----------------------------------------------------------------------------------
 
 
@@ -311,6 +254,9 @@ def test_a_build_holds_the_controlnets_it_names_and_the_depth_estimator_with_dep
         "lllyasviel/control_v11f1p_sd15_depth", "lllyasviel/control_v11p_sd15_canny",
         "depth-anything/Depth-Anything-V2-Small-hf",
     ]  # fmt: skip
+    assert control.with_controlnets(control.with_controlnets(sdxl, ("canny",)), ("canny",)).extra_repos == (
+        control.with_controlnets(sdxl, ("canny",)).extra_repos
+    )  # as setup and Engine.load both apply it
     with pytest.raises(ValueError, match="Flash PixArt takes no ControlNet"):
         control.with_controlnets(MODELS["pixart"], ("canny",))
 

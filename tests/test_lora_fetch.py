@@ -64,6 +64,35 @@ def fetch(url: str, folder: Path, input_name: str = "lora_weights"):
 # -- a trainer's tar ---------------------------------------------------------------------------------------------
 
 
+def test_a_flashsd_trainings_record_is_kept_with_the_lora_a_bad_one_left_out_saying_why(tmp_path, lora_file, caplog):
+    """flashsd's trainings write training.json beside lora.safetensors (flashsd/training/export.py): what serving
+    needs of it comes back with the cached file, from the cache too; a cog-sdxl tar has none; one that is no JSON
+    object, or not a regular file, is left out with a warning and the LoRA still serves."""
+    lora = lora_file("sd15-diffusers").read_bytes()
+    record = {"format": "flashsd-lora-training/1", "trigger_word": "sks", "example_prompt": "a photo of sks",
+              "base_model": {"key": "sd15", "lora_family": "SD1.5"}, "steps": 10, "data": {"skipped": []}}  # fmt: skip
+    tars = {
+        "/good.tar": tar_of(member("lora.safetensors", lora), member("training.json", json.dumps(record).encode())),
+        "/cog-sdxl.tar": trainer_tar(lora),
+        "/not-json.tar": tar_of(member("lora.safetensors", lora), member("training.json", b"{\xff")),
+        "/a-list.tar": tar_of(member("lora.safetensors", lora), member("training.json", b"[1]")),
+        "/a-link.tar": tar_of(member("lora.safetensors", lora), link("training.json", "/etc/passwd")),
+    }
+    with LoraServer() as server, caplog.at_level(logging.WARNING, logger="flashsd"):
+        got = {path: fetch(server.add(path, data), tmp_path) for path, data in tars.items()}
+        again = fetch(f"{server.url}/good.tar", tmp_path)
+    kept = {k: v for k, v in record.items() if k not in ("data", "steps")}  # what serving reads
+    assert got["/good.tar"].training == again.training == kept
+    assert {path: cached.training for path, cached in got.items() if path != "/good.tar"} == dict.fromkeys(
+        ["/cog-sdxl.tar", "/not-json.tar", "/a-list.tar", "/a-link.tar"]
+    )
+    assert all(cached.path.read_bytes() == lora for cached in got.values())
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("not-json.tar: its training.json is left out (not JSON" in w for w in warnings)
+    assert any("a-list.tar: its training.json is left out (not a JSON object)" in w for w in warnings)
+    assert any("a-link.tar: its training.json is left out (not a regular file" in w for w in warnings)
+
+
 @pytest.mark.parametrize("folder", ["", "output/flux_train_replicate/"])
 def test_a_trainers_tar_is_cached_as_its_lora_safetensors(tmp_path, lora_file, folder):
     lora = lora_file("sd15-diffusers").read_bytes()

@@ -287,7 +287,7 @@ def slow_world(tiny_weights, tmp_path_factory):
 def test_a_cancel_during_a_download_a_load_or_a_fuse_leaves_the_container_as_it_was(slow_world, when, marker):
     world, server = slow_world, slow_world.server
     if when == "download":
-        source = world.files.add(f"/slow-{uuid.uuid4().hex[:6]}", b"\0" * 1_000_000, delay_per_chunk=0.1)
+        source = world.files.add(f"/slow-{uuid.uuid4().hex[:6]}", b"\0" * 3_000_000, delay_per_chunk=0.1)  # ~18 s
     else:
         source = world.url("sdxl-diffusers")  # not yet fused in this container
         world.switch.write_text(when)

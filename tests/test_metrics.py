@@ -49,6 +49,16 @@ class SlowModule:
         return self.calls * self.seconds
 
 
+class Pipe:
+    """What the stage clock reads of a pipeline: its components by name, the denoiser as an attribute."""
+
+    def __init__(self, controlnet: bool = False):
+        self.text_encoder, self.unet = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        self.components = {"text_encoder": self.text_encoder, "unet": self.unet, "scheduler": object()}
+        if controlnet:
+            self.controlnet = self.components["controlnet"] = torch.nn.Linear(2, 2)
+
+
 @pytest.mark.parametrize(
     "prompt",
     ["a lighthouse on a cliff, number {n}", "a (lighthouse:1.4) on a [cliff], number {n}"],
@@ -122,11 +132,6 @@ def test_on_cuda_the_stages_are_timed_by_events_in_the_stream_and_nothing_waits_
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: pytest.fail("the clock made the CPU wait"))
 
-    class Pipe:
-        def __init__(self):
-            self.text_encoder, self.unet = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-            self.components = {"text_encoder": self.text_encoder, "unet": self.unet, "scheduler": object()}
-
     pipe, x = Pipe(), torch.zeros(1, 2)
     encoder, denoiser = SlowModule(pipe.text_encoder, 0.2), SlowModule(pipe.unet, 0.1)
     with StageClock(pipe, "unet", torch.device("cuda")) as clock:
@@ -136,3 +141,16 @@ def test_on_cuda_the_stages_are_timed_by_events_in_the_stream_and_nothing_waits_
     assert len(recorded) == 2 + 1 + 3  # the encoder's start and end; the denoiser's first start and each end
     assert encoder.waited <= clock.encode_prompt_s < encoder.waited + 0.05
     assert denoiser.waited <= clock.denoise_s < denoiser.waited + 0.05
+
+
+def test_with_a_controlnet_denoising_starts_with_its_first_call():
+    from flashsd.metrics import StageClock
+
+    pipe, x = Pipe(controlnet=True), torch.zeros(1, 2)
+    controlnet, denoiser = SlowModule(pipe.controlnet, 0.2), SlowModule(pipe.unet, 0.1)
+    with StageClock(pipe, "unet", torch.device("cpu")) as clock:
+        pipe.text_encoder(x)
+        for _ in range(2):  # each step: the ControlNet, then the denoiser
+            pipe.controlnet(x)
+            pipe.unet(x)
+    assert controlnet.waited + denoiser.waited <= clock.denoise_s < controlnet.waited + denoiser.waited + 0.05

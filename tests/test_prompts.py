@@ -17,6 +17,7 @@ from flashsd.models import MODELS
 from flashsd.prompt_syntax import is_plain, parse
 from flashsd.prompts import CHUNK_TOKENS, chunk_tokens
 from flashsd.request import build_request
+from testkit.recipes import a1111_emphasis
 
 CLIP_MODELS = ["sdxl", "sd3", "sd15"]
 SIZE = dict(aspect_ratio="custom", width=128, height=96)
@@ -260,13 +261,6 @@ def test_a_plain_prompt_becomes_exactly_the_pipelines_own_embeddings(engines, ke
     mine = engine.prompts._encode("prompt", "a lighthouse at dawn")
     assert torch.equal(engine.prompts._finish(mine.embeds), embeds)
     assert (mine.pooled is None and pooled is None) or torch.equal(mine.pooled, pooled)
-
-
-def a1111_emphasis(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111's emphasis, as its modules/sd_emphasis.py "Original" (the default) states it: the hidden states times
-    each token's weight, then scaled so that their mean is the unweighted mean."""
-    weighted = states.double() * weights.double()[:, None]
-    return weighted * (states.double().mean() / weighted.mean())
 
 
 @pytest.mark.parametrize("key", CLIP_MODELS)

@@ -14,6 +14,7 @@ schema is generated from predict.py when the module starts.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import io
 import json
@@ -65,7 +66,8 @@ def served(tiny_weights, root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     temp = folder / "tmp"
     temp.mkdir()
-    server = start({"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": "sdxl", "TMPDIR": str(temp)}, folder, root)
+    env = {"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": "sdxl", "FLASHSD_CONTROLNETS": "canny,depth"}
+    server = start(env | {"TMPDIR": str(temp)}, folder, root)
     try:
         assert server.health() == "READY", server.logs()[-3000:]
         yield Served(server, temp)
@@ -84,7 +86,7 @@ def prediction(response: requests.Response) -> dict:
 def test_500_generated_requests_each_get_their_expected_outcome_and_the_worker_survives_every_one(served, capsys):
     server = served.server
     schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
-    generator = Generator(schema, seed=1234, model="sdxl")
+    generator = Generator(schema, seed=1234, model="sdxl", controlnets=("canny", "depth"))
     fixed = generator.cases(mixtures=0)
     cases = fixed + generator.mixtures(max(100, FUZZ_REQUESTS - len(fixed)), fixed)
     assert len(cases) >= FUZZ_REQUESTS
@@ -108,6 +110,9 @@ def test_500_generated_requests_each_get_their_expected_outcome_and_the_worker_s
     assert logs.count("chunk(s) of up to 75") >= len(long_runs) and "tokens long but" not in logs
     # Hostile prompt syntax was among the requests, and each got its outcome (the mismatches above).
     assert len([o for o in report.outcomes if "syntax: " in o.case]) >= 16
+    # So were structure controls: every control input fuzzed, and controls that ran as well as refused ones.
+    controls = collections.Counter(o.kind for o in report.outcomes if "controlnet" in o.case or "control:" in o.case)
+    assert sum(controls.values()) >= 150 and controls["succeeded"] >= 10 and controls["failed"] >= 10, controls
     # The largest request was accepted, started and cancelled cleanly.
     largest = next(o for o in report.outcomes if o.case == "4 images at the largest size")
     assert largest.kind == "canceled" and largest.health == "READY"

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from flashsd import request
+from flashsd import control, request
 from testkit.cog_server import PROJECT_ROOT
 from testkit.schema import SCHEMA, schema_script
 
@@ -60,6 +60,26 @@ def test_declared_limits_agree_with_the_request_rules():
         assert (inputs[name]["minimum"], inputs[name]["maximum"]) == (low, high), name
     assert schemas["Input"]["required"] == ["prompt"]
     assert "nullable" in inputs["seed"] and "default" in inputs["seed"]
+
+
+def test_control_declarations_agree_with_the_control_rules():
+    schemas = json.loads(SCHEMA.read_text())["components"]["schemas"]
+    inputs = schemas["Input"]["properties"]
+    slots = [f"controlnet_{n}" for n in range(1, control.MAX_CONTROLS + 1)]
+    assert sorted(name for name in inputs if name.startswith("controlnet_") and name.count("_") == 1) == slots
+    for name in slots:
+        assert (
+            schemas[name]["enum"] == [control.NONE, *control.CONTROL_TYPES] and inputs[name]["default"] == control.NONE
+        )
+        image = inputs[f"{name}_image"]
+        assert image["format"] == "uri" and image["default"] is None and image["nullable"]
+        scale = inputs[f"{name}_conditioning_scale"]
+        assert (scale["minimum"], scale["maximum"], scale["default"]) == (
+            control.MIN_CONDITIONING_SCALE, control.MAX_CONDITIONING_SCALE, control.DEFAULT_CONDITIONING_SCALE,
+        )  # fmt: skip
+        assert [inputs[f"{name}_{end}"][key] for end in ("start", "end") for key in ("minimum", "maximum", "default")] == [
+            0, 1, 0, 0, 1, 1,
+        ]  # fmt: skip
 
 
 def test_check_accepts_the_file_a_real_cog_build_writes(tmp_path):

@@ -1,6 +1,7 @@
 """Trainings through the real Cog server in train mode (`python -m cog.server.http --x-mode train`, as Replicate runs
-them): POST /trainings synchronous and asynchronous (Prefer: respond-async, results by webhook), cancel, validation.
-Tiny SD1.5 at 256 px (the smallest resolution a training takes), two steps."""
+them): POST /trainings synchronous and asynchronous (Prefer: respond-async, results by webhook), cancel, validation;
+and a training's output straight into a predict-mode server, as a model version made from the training gets it.
+Tiny SD1.5 at 256 px (the smallest resolution a training takes), two steps (ten for the one served)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import uuid
 import pytest
 import requests
 
-from testkit.cog_server import CogServer
+from testkit.cog_server import CogServer, decode_data_url
+from testkit.lora_server import LoraServer
+from testkit.pixels import max_difference
+from testkit.recipes import card_pipeline, run_card
 from testkit.training_sets import make_zip, png
 from testkit.webhooks import WebhookReceiver
 
@@ -75,6 +79,34 @@ def test_a_training_returns_a_tar_of_the_lora_and_its_record(server, images):
     assert [(done, total) for _, done, total in progress] == [("1", "2"), ("2", "2")]
     assert "Skipped set/notes.md: not an image" in body["logs"]
     assert work_folders(server) == []
+
+
+def test_a_model_made_from_a_training_serves_its_lora_by_default_as_diffusers_serves_it(
+    server, images, tiny_weights, tmp_path
+):
+    """The training's output URL becomes the predict-mode server's COG_WEIGHTS (as Replicate hands a model version made
+    from a training its weights); a prediction naming no LoRA gives the image diffusers gives on the Flash model card's
+    pipeline with the trained lora.safetensors loaded (Jasper's recipe: both adapters, unfused)."""
+    body = server.train(small(images, trigger_word="sks", steps=10, learning_rate=0.01, lora_rank=16)).json()
+    assert body["status"] == "succeeded", body.get("error")
+    tar = base64.b64decode(body["output"]["weights"].partition(",")[2])
+    lora_file = tmp_path / "lora.safetensors"
+    lora_file.write_bytes(unpack(body["output"])[2])
+    inputs = {"prompt": "a photo of sks", "aspect_ratio": "custom", "width": 64, "height": 64, "seed": 1234,
+              "output_format": "png", "disable_safety_checker": True}  # fmt: skip
+    with LoraServer() as files:
+        url = files.add("/trainings/t1/trained_model.tar", tar)
+        env = {"FLASHSD_WEIGHTS": str(tiny_weights), "FLASHSD_MODEL": "sd15", "COG_WEIGHTS": url}
+        with CogServer(env, tmp_path / "predict.log") as predictor:
+            answers = [predictor.predict(inputs | extra).json() for extra in ({}, {"lora_scale": 0})]
+            logs = predictor.logs()
+    assert [a["status"] for a in answers] == ["succeeded", "succeeded"], (answers, logs)
+    served, base = (decode_data_url(a["output"][0]) for a in answers)
+    assert "Trained LoRA trained_model (trigger word 'sks'" in logs
+    pipe = card_pipeline("sd15", tiny_weights, fuse=False, styles=[(lora_file, 1.0)])
+    (reference,) = run_card(pipe, "sd15", [1234], width=64, height=64, prompt="a photo of sks")
+    assert max_difference(served, base) > 10  # the trained LoRA is on: the next check bites
+    assert max_difference(served, reference) <= 1  # within 1/255
 
 
 def test_an_async_training_reports_by_webhook(server, images):

@@ -15,12 +15,16 @@ but runs the forward pass fused, so a prediction with a LoRA costs what one with
   family is refused naming both families) before anything is loaded.
 - `cache`: files on disk and state dicts in memory, least recently used evicted.
 - `fuse`: fused with exact restore (`StyleLoras.apply`).
+- `trained`: a model version made from a training: the training's tar, given to setup (COG_WEIGHTS), is every
+  prediction's LoRA unless it names its own.
 """
 
 from ..models import lora_models as able_models
-from .sources import LoraError, LoraSource, StyleLora, parse_lora_source
+from .sources import LoraError, LoraSource, StyleLora, TrainedLora, parse_lora_source
 
-__all__ = ["AppliedLora", "LoraError", "LoraSource", "StyleLora", "StyleLoras", "able_models", "parse_lora_source"]
+__all__ = [
+    "AppliedLora", "LoraError", "LoraSource", "StyleLora", "StyleLoras", "TrainedLora", "able_models", "parse_lora_source",
+]  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..settings import LoraSettings
-from .fetch import Stop, download_hub, download_url, lora_from_tar
+from .fetch import Stop, copy_file, download_hub, download_url, lora_from_tar
 from .header import Header, a1111_hash, display_name, read_header
 from .sources import LoraError, LoraSource
 
@@ -36,17 +36,19 @@ class CachedFile:
     size: int
     downloaded: bool  # fetched now (else a cache hit)
     seconds: float = 0.0
+    training: dict | None = None  # what a flashsd training's tar recorded (fetch.RECORD_FIELDS), if it was one
 
 
 class DiskCache:
     """LoRA files under `folder`, keyed by source, least recently used evicted beyond `settings.cache_bytes`:
     `<key>.safetensors` and `<key>.json` (name, A1111 hash, size), `key` the first 16 hex digits of the source's
     sha256. A download goes to a partial file, is checked, and only then renamed into place, so a partial file is
-    never used."""
+    never used. A pinned key (the container's own trained LoRA) is never evicted."""
 
     def __init__(self, folder: Path, settings: LoraSettings):
         self.folder = folder
         self.settings = settings
+        self.pinned: set[str] = set()
         self._remove_stale_partials()
 
     def files(self, key: str) -> tuple[Path, Path]:
@@ -62,7 +64,8 @@ class DiskCache:
         if meta.get("bytes") != size:
             return None
         os.utime(record)  # most recently used
-        return CachedFile(path, str(meta.get("name") or "lora"), str(meta.get("hash") or ""), size, False)
+        name, training = str(meta.get("name") or "lora"), meta.get("training")
+        return CachedFile(path, name, str(meta.get("hash") or ""), size, False, training=training)
 
     def fetch(self, source: LoraSource, input_name: str, keep: Sequence[str] = (), stop: Stop = None) -> CachedFile:
         """The cached file of `source`, downloaded first if need be (a trainer's tar unpacked to its LoRA), then
@@ -78,27 +81,29 @@ class DiskCache:
         started = time.perf_counter()
         try:
             keep = (source.key, *keep)  # the LoRAs of this request are never evicted to make room
-            download = download_url if source.url is not None else download_hub
+            download = copy_file if source.path else download_url if source.url else download_hub
             make_room = lambda n: self.make_room(n, input_name, source.shown, keep)  # noqa: E731
             raw_name, fetched = download(source, partial, input_name, self.settings, make_room, stop)
             seconds = time.perf_counter() - started
-            lora_from_tar(partial, input_name, source.shown, self.settings)
+            training = lora_from_tar(partial, input_name, source.shown, self.settings)
             size = partial.stat().st_size
             header = read_header(partial, input_name, source.shown)  # a non-safetensors file is never kept
             name = display_name(raw_name)
             path, record = self.files(source.key)
             meta = {"source": source.shown, "name": name, "bytes": size, "hash": a1111_hash(partial, header.metadata)}
+            if training is not None:
+                meta["training"] = training
             _write_json(record, meta)
             os.replace(partial, path)  # the file is complete and checked: only now is it the cached copy
         finally:
             partial.unlink(missing_ok=True)
             shutil.rmtree(partial.with_name(partial.name + ".hub"), ignore_errors=True)
         log.info(
-            "LoRA %s: downloaded %s in %.1f s (%s/s) from %s", name, tqdm.format_sizeof(fetched, "B"), seconds,
-            tqdm.format_sizeof(fetched / max(seconds, 1e-3), "B"), source.shown,
+            "LoRA %s: %s %s in %.1f s (%s/s) from %s", name, "copied" if source.path else "downloaded",
+            tqdm.format_sizeof(fetched, "B"), seconds, tqdm.format_sizeof(fetched / max(seconds, 1e-3), "B"), source.shown,
         )  # fmt: skip
         self.evict(keep=keep)
-        return CachedFile(path, name, meta["hash"], size, True, seconds)
+        return CachedFile(path, name, meta["hash"], size, True, seconds, training)
 
     def make_room(self, incoming: int, input_name: str, shown: str, keep: Sequence[str] = ()) -> None:
         """Evict what keeps `incoming` more bytes from fitting the cache bound, then check the disk has them."""
@@ -125,7 +130,7 @@ class DiskCache:
         for _, key, size in sorted(entries):
             if total <= self.settings.cache_bytes:
                 break
-            if key in keep:
+            if key in keep or key in self.pinned:
                 continue
             for f in self.files(key):
                 f.unlink(missing_ok=True)

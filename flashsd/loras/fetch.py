@@ -5,6 +5,7 @@ failure is a LoraError naming the input and saying what to do; no URL's query or
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,11 @@ MakeRoom = Callable[[int], None]  # called with a file's size once it is known, 
 # output/flux_train_replicate/; beside it a JSON record and embeddings, never read).
 TAR_MEMBER = "lora.safetensors"
 MAX_TAR_MEMBERS = 1000
+# flashsd's own trainings put their record beside the LoRA (flashsd/training/export.py, RECORD_FILE); of it the cache
+# keeps what serving needs: the base model (to refuse a LoRA of another family at setup) and the trigger word.
+RECORD_MEMBER = "training.json"
+RECORD_FIELDS = ("format", "base_model", "trigger_word", "example_prompt")
+MAX_RECORD_BYTES = 16 * 2**20  # far above a record listing 5,000 skipped files
 
 
 def check_stop(stop: Stop) -> None:
@@ -216,17 +222,39 @@ def _single_lora_file(repo: str, files: list[str], input_name: str) -> str:
     )
 
 
+# -- a local file (the container's own weights only) --------------------------------------------------------------
+
+
+def copy_file(
+    source: LoraSource, partial: Path, input_name: str, settings: LoraSettings, make_room: MakeRoom, stop: Stop
+) -> tuple[str, int]:
+    """Copy the local file `source.path` into `partial`, under the same bound as a download; (file name, size)."""
+    path = Path(source.path)
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise IsADirectoryError(path)
+        if size > settings.max_file_bytes:
+            raise too_large(input_name, source.shown, size, settings)
+        make_room(size)
+        check_stop(stop)
+        shutil.copyfile(path, partial)
+    except OSError as e:
+        raise LoraError(f"{input_name}: cannot read {source.shown} ({e.strerror or type(e).__name__}).") from None
+    return path.name, partial.stat().st_size
+
+
 # -- a trainer's tar ---------------------------------------------------------------------------------------------
 
 
-def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSettings) -> None:
+def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSettings) -> dict | None:
     """When the file at `path` is a tar (a trainer's output), replace it with the tar's `lora.safetensors` (any other
     file is left as it is). That one member is read, never extracted by its own name: no other member, path or link
-    reaches the disk."""
+    reaches the disk. Returns the RECORD_FIELDS of a flashsd training's `training.json` beside it, if it has one."""
     try:
         archive = tarfile.open(path, "r:")  # uncompressed, as trainers write it: no decompression bomb to scan
     except tarfile.ReadError:
-        return
+        return None
     unpacked = path.with_name(path.name + ".member")
     try:
         with archive:
@@ -253,8 +281,33 @@ def lora_from_tar(path: Path, input_name: str, shown: str, settings: LoraSetting
                 raise too_large(input_name, f"{shown} ({member.name})", member.size, settings)
             with archive.extractfile(member) as data, open(unpacked, "wb") as f:
                 shutil.copyfileobj(data, f)
+            beside = PurePosixPath(member.name).with_name(RECORD_MEMBER)
+            record = _training_record([m for m in members if PurePosixPath(m.name) == beside], shown, archive)
         os.replace(unpacked, path)
+        return record
     except tarfile.TarError as e:
         raise LoraError(f"{input_name}: {shown} is a damaged tar ({e}): fetch it again, or use another copy.") from None
     finally:
         unpacked.unlink(missing_ok=True)
+
+
+def _training_record(found: list[tarfile.TarInfo], shown: str, archive: tarfile.TarFile) -> dict | None:
+    """The RECORD_FIELDS of the tar's training.json; None without one. One that cannot be read is logged and left
+    out: the LoRA itself still serves (checked by its layers)."""
+    if len(found) != 1:
+        return None
+    member, problem = found[0], None
+    if not member.isreg() or member.size > MAX_RECORD_BYTES:
+        problem = f"not a regular file of at most {tqdm.format_sizeof(MAX_RECORD_BYTES, 'B')}"
+    else:
+        with archive.extractfile(member) as data:
+            try:
+                record = json.loads(data.read())
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+                problem = f"not JSON: {e}"
+        if problem is None and not isinstance(record, dict):
+            problem = "not a JSON object"
+    if problem is not None:
+        log.warning("%s: its %s is left out (%s)", shown, member.name, problem)
+        return None
+    return {name: record[name] for name in RECORD_FIELDS if name in record}

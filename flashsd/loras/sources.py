@@ -25,13 +25,16 @@ class LoraError(InputError):
 
 @dataclass(frozen=True)
 class LoraSource:
-    """Where a LoRA comes from: a URL, or a Hugging Face repo (and file, and revision when the URL named one)."""
+    """Where a LoRA comes from: a URL, a Hugging Face repo (and file, and revision when the URL named one), or a local
+    file (only the container's own weights, flashsd.loras.trained: no request may name a file of the machine)."""
 
-    text: str  # as given, stripped: the cache key (a URL's query may hold a key: never shown)
+    # As given, stripped: the cache key (a URL's query may hold a key: never shown). A local file's: path, size, time.
+    text: str
     url: str | None = None
     repo: str | None = None
     filename: str | None = None
     revision: str | None = None
+    path: str | None = None
 
     @property
     def key(self) -> str:
@@ -41,6 +44,8 @@ class LoraSource:
     def shown(self) -> str:
         """The source as logs and messages say it: a URL as sent (spaces percent-encoded), without its query,
         fragment or user info."""
+        if self.path is not None:
+            return self.path
         if self.url is None:
             return "/".join(p for p in (self.repo, self.filename) if p)
         return redact(quote(self.url, safe=string.punctuation))
@@ -53,6 +58,24 @@ class StyleLora:
     input: str  # "lora_weights" or "extra_lora"
     source: LoraSource
     scale: float
+
+
+TRAINED_INPUT = "weights"  # how messages name the container's own trained LoRA: setup's argument (COG_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class TrainedLora:
+    """The LoRA of the training a model version was made from (flashsd.loras.trained): every prediction's
+    `lora_weights` unless it names its own."""
+
+    source: LoraSource
+    name: str
+    trigger_word: str | None = None  # from the training's training.json, when it has one
+    example_prompt: str | None = None
+    trained_on: str | None = None  # the base model's repo
+
+    def at(self, scale: float) -> StyleLora:
+        return StyleLora(TRAINED_INPUT, self.source, scale)
 
 
 def pickle_message(input_name: str, shown: str) -> str:

@@ -1,5 +1,5 @@
 """predict.py's Predictor as tests and benchmarks drive it. `predictor_inputs` for calling predict() in process;
-oom.py and slow_lora.py are Predictors with a fault switch, for the real Cog server to run
+oom.py, slow_lora.py and operations.py are Predictors with fault switches, for the real Cog server to run
 (COG_PREDICT_TYPE_STUB=testkit/predictors/oom.py:OomPredictor)."""
 
 from __future__ import annotations
