@@ -246,8 +246,6 @@ class Predictor(BasePredictor):
             default=1,
         ),
     ) -> List[Path]:
-        if self.engine.fault.error is not None:  # the GPU failed: every prediction would; say so at once
-            raise self.engine.fault.failure()
         controls = [
             ControlInputs(controlnet_1, controlnet_1_image, controlnet_1_conditioning_scale, controlnet_1_start, controlnet_1_end),
             ControlInputs(controlnet_2, controlnet_2_image, controlnet_2_conditioning_scale, controlnet_2_start, controlnet_2_end),
@@ -255,6 +253,8 @@ class Predictor(BasePredictor):
         ]  # fmt: skip
         # coglet leaves the input copies of a request it rejected after downloading part of them; remove them.
         sweep_input_copies(keep=(image, mask, *(c.image for c in controls)), older_than_s=self.stale_input_s)
+        if self.engine.fault.error is not None:  # the GPU failed: every prediction would; say so before any work
+            raise self.engine.fault.failure()
         request = await asyncio.to_thread(  # it decodes the images: off the event loop
             build_request,
             self.model,

@@ -165,7 +165,9 @@ class Served:
 
     result: Any
     queued_s: float  # from its submission to the start of its call on the model's thread
-    run_s: float  # from there to its result (a shared call that failed and its retry alone included)
+    # from there to its result; after a failed shared call, the retries alone included (the members of a batch
+    # are answered together)
+    run_s: float
 
 
 class Batcher:

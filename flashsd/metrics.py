@@ -16,8 +16,8 @@ time went, for an operator reading a slow prediction. The predictor records them
     lora.cache_hit          with a style LoRA: whether every LoRA file came from a cache (or was fused already),
                             false when one was downloaded
 
-Stage times of a shared call are the call's. They are measured with forward hooks on the text encoders and the
-denoiser, for the duration of one call (`StageClock`).
+Stage times of a shared call are the call's. They are measured with forward hooks on the text encoders, the
+denoiser and any ControlNet, for the duration of one call (`StageClock`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class StageClock:
     """`with StageClock(pipe, denoiser_name, device) as clock:` the seconds the block spends in the text encoders
     (`encode_prompt_s`: every forward of every text encoder, flashsd's own for A1111 weights and long prompts as much
     as the pipeline's) and denoising (`denoise_s`: from the start of the first step, the denoiser's first call or a
-    ControlNet's before it, to the end of the denoiser's last call), read once the block has ended. On CUDA the marks are events recorded in the stream, so that a stage is timed by
-    its kernels, not by their launch, and nothing waits for the GPU (no synchronization); on the CPU, the clock."""
+    ControlNet's before it, to the end of the denoiser's last call), read once the block has ended. On CUDA the
+    marks are events recorded in the stream, so that a stage is timed by its kernels, not by their launch, and
+    nothing waits for the GPU (no synchronization); on the CPU, the clock."""
 
     def __init__(self, pipe, denoiser: str, device: torch.device):
         self.text_encoders = [

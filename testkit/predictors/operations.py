@@ -1,7 +1,8 @@
 """The product's Predictor with switches for tests/test_metrics_http.py and tests/test_health_http.py: what an
 operator reads (per-prediction metrics, the health check) under slow stages, safety drops and fatal failures.
 
-A marker in a prompt (a word, not A1111 syntax: brackets would make it run alone) switches its pipeline call (every prediction sharing the call, for the stage delays):
+A marker in a prompt (a word, not A1111 syntax: brackets would make it run alone) switches its pipeline call (every
+prediction sharing the call, for the stage delays):
 - `#slow`: each forward of a text encoder waits ENCODER_WAIT_S, each call of the denoiser DENOISER_WAIT_S; after the
   call each prediction's logs say "operations: waited <e> s in the text encoders, <d> s in the denoiser";
 - `#flag-first`: the safety checker flags that prediction's first image and no other (the CompVis checker flags it,
