@@ -27,9 +27,9 @@ def request(prompt, seed, **inputs):
 
 
 def unpadded_results(padded_call, plain_call, seconds: float) -> tuple[int, int]:
-    """(unpadded, total) results of `padded_call()` (the pipeline's `tokenizer(..., padding="max_length")`) from one
-    thread while another loops on `plain_call()` (a count without padding, as the batching decision makes); stops at
-    the first unpadded result."""
+    """(unpadded, total) results of `padded_call()` (the pipeline's `tokenizer(..., padding="max_length")`) from two
+    threads while two others loop on `plain_call()` (a count without padding, as the batching decision makes); stops
+    at the first unpadded result. (Two of each: on a loaded machine one pair can go seconds without interleaving.)"""
     deadline = time.monotonic() + seconds
     found = threading.Event()
     counts = [0, 0]
@@ -45,7 +45,7 @@ def unpadded_results(padded_call, plain_call, seconds: float) -> tuple[int, int]
         while time.monotonic() < deadline and not found.is_set():
             plain_call()
 
-    threads = [threading.Thread(target=padded), threading.Thread(target=plain)]
+    threads = [threading.Thread(target=target) for target in (padded, plain, padded, plain)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -63,7 +63,7 @@ def test_two_threads_sharing_a_tokenizer_corrupt_its_padding(engines):
     engine = engines("sdxl")
     plain = request("a photo of a cat", 1)
     unpadded, total = unpadded_results(
-        lambda: pipeline_tokenization(engine.pipe.tokenizer), lambda: engine.batch_key(plain), seconds=10
+        lambda: pipeline_tokenization(engine.pipe.tokenizer), lambda: engine.batch_key(plain), seconds=30
     )
     assert unpadded > 0, f"no unpadded result in {total} calls: the race did not show"
 
