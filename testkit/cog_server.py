@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +114,23 @@ class CogServer:
     def post(self, inputs: dict, timeout: float = 300, **kwargs) -> requests.Response:
         """One POST /predictions, whatever the server's state (a busy server answers 409)."""
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout, **kwargs)
+
+    def post_at_once(self, inputs_list: list[dict], timeout: float = 300) -> list[requests.Response]:
+        """POST every input of `inputs_list` at the same moment, each from a thread of its own; the responses in
+        order."""
+        responses: list = [None] * len(inputs_list)
+        start = threading.Barrier(len(inputs_list))
+
+        def post(i: int, inputs: dict) -> None:
+            start.wait()
+            responses[i] = self.post(inputs, timeout=timeout)
+
+        threads = [threading.Thread(target=post, args=(i, inputs)) for i, inputs in enumerate(inputs_list)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return responses
 
     def predict(self, inputs: dict, timeout: float = 300, busy_wait: float = 10, **kwargs) -> requests.Response:
         """POST /predictions once the slot is free: coglet frees it a moment after answering the previous

@@ -43,30 +43,13 @@ def served(tiny_weights, tmp_path_factory, temp):
         yield server
 
 
-def at_once(server, inputs_list, timeout=300):
-    """POST every input at the same moment; the responses in order."""
-    responses = [None] * len(inputs_list)
-    start = threading.Barrier(len(inputs_list))
-
-    def post(i, inputs):
-        start.wait()
-        responses[i] = server.post(inputs, timeout=timeout)
-
-    threads = [threading.Thread(target=post, args=(i, inputs)) for i, inputs in enumerate(inputs_list)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return responses
-
-
 def pixels(response) -> np.ndarray:
     return np.asarray(decode_data_url(response.json()["output"][0]).convert("RGB")).astype(np.int16)
 
 
 def test_concurrent_predictions_share_calls_and_each_gets_its_own_images_and_logs(served):
     inputs = [{**SMALL, "prompt": f"a lighthouse number {i}", "seed": 100 + 10 * i} for i in range(MAX)]
-    together = at_once(served, inputs)
+    together = served.post_at_once(inputs)
     assert [r.status_code for r in together] == [200] * MAX
     assert all(r.json()["status"] == "succeeded" for r in together), [r.json() for r in together]
     logs = [r.json()["logs"] for r in together]
@@ -84,7 +67,7 @@ def test_concurrent_predictions_share_calls_and_each_gets_its_own_images_and_log
 def test_beyond_the_limit_the_answer_is_409(served):
     slow = {**SMALL, "width": 512, "height": 512, "num_inference_steps": 8, "prompt": "a cat"}
     served.wait_ready()
-    responses = at_once(served, [dict(slow, seed=i) for i in range(MAX + 1)])
+    responses = served.post_at_once([dict(slow, seed=i) for i in range(MAX + 1)])
     codes = sorted(r.status_code for r in responses)
     assert codes.count(409) >= 1 and codes.count(200) == MAX, codes
     assert all(r.json()["status"] == "succeeded" for r in responses if r.status_code == 200)

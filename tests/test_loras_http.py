@@ -21,28 +21,17 @@ import numpy as np
 import pytest
 import requests
 
-from flashsd.models import MODELS
-from flashsd.weights import repo_dir
 from testkit.cog_server import CogServer, decode_data_url, server_root, wait_ready, worker_pid
 from testkit.fake_hub import FakeHub, closed_port
 from testkit.lora_files import write_lora, write_pickle, write_real_shaped
 from testkit.lora_server import LoraServer
 from testkit.recipes import card_pipeline, run_card
+from testkit.weight_files import link_model
 
 SMALL = {"prompt": "a lighthouse at dawn", "aspect_ratio": "custom", "width": 64, "height": 64, "seed": 1234,
          "disable_safety_checker": True, "output_format": "png"}  # fmt: skip
 TOKEN = "hf_" + uuid.uuid4().hex + "abcdef"
 MAX_GB = "0.002"  # 2 MB per LoRA file, so that "too large" is cheap to serve
-
-
-def weights_root(tiny_weights: Path, folder: Path, key: str) -> Path:
-    """A weights root of its own (the LoRA cache goes under it) whose repo folders are the tiny ones, linked."""
-    for repo in MODELS[key].repos:
-        link = repo_dir(folder, repo)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(repo_dir(tiny_weights, repo), target_is_directory=True)
-    return folder
 
 
 @dataclass
@@ -92,7 +81,7 @@ def start_world(tiny_weights, tmp_path_factory, name: str, env: dict[str, str], 
     files, hub = LoraServer().__enter__(), FakeHub().__enter__()
     hub.add_repo("someone/ink-style", "c" * 40, {"ink.safetensors": lora["sdxl-plain"].read_bytes(), "README.md": b"ink"},
                  token=TOKEN)  # fmt: skip
-    weights = weights_root(tiny_weights, folder / "weights", "sdxl")
+    weights = link_model(tiny_weights, folder / "weights", "sdxl")
     env = {
         "FLASHSD_WEIGHTS": str(weights), "FLASHSD_MODEL": "sdxl", "TMPDIR": str(folder / "tmp"),
         "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN, "HF_HOME": str(folder / "hf-home"),

@@ -95,22 +95,6 @@ def assert_stages_hold_their_waits(metrics: dict, body: dict, only_their_own: bo
     assert parts <= metrics["predict_time"], metrics
 
 
-def at_once(server: CogServer, inputs_list: list[dict]) -> list:
-    responses = [None] * len(inputs_list)
-    start = threading.Barrier(len(inputs_list))
-
-    def post(i, inputs):
-        start.wait()
-        responses[i] = server.post(inputs)
-
-    threads = [threading.Thread(target=post, args=(i, inputs)) for i, inputs in enumerate(inputs_list)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return responses
-
-
 def test_a_prediction_alone_reports_its_images_and_where_its_time_went(served):
     body = succeeded(served.server.predict({**SMALL, "prompt": "a lighthouse #slow"}))
     metrics = flat(body["metrics"])
@@ -140,7 +124,7 @@ def test_predictions_sharing_a_call_each_report_their_own_images_and_the_call_th
     time.sleep(1.0)  # the first holds the model's thread for seconds: the next three queue behind it
     sent = time.monotonic()
     prompts = ["a harbour #slow", "a forest #slow #flag-first", "a desert #slow"]
-    together = at_once(server, [{**SMALL, "prompt": p, "num_outputs": 2} for p in prompts])
+    together = server.post_at_once([{**SMALL, "prompt": p, "num_outputs": 2} for p in prompts])
     round_trip = time.monotonic() - sent
     running.join()
     alone = flat(succeeded(first[0])["metrics"])
