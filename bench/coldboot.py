@@ -41,6 +41,7 @@ from bench.common import PROJECT, cpu_model, table
 
 READ_CHUNK = 16 * 2**20
 DONE = ".coldboot-complete"
+DEFAULT_ROOT = Path(tempfile.gettempdir()) / "flashsd-coldboot"  # built once per model, kept for later runs
 # Real configs not committed elsewhere (the denoisers' are in testkit/real_configs). CLIP ViT-L/14's text tower is
 # SD1.5's and SDXL's first text encoder; OpenCLIP ViT-bigG/14's text tower SDXL's second (their config.json files in
 # the two base repos); the SD VAE (SDXL's fp16 fix has the same architecture); the CompVis checker's vision tower.
@@ -399,7 +400,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--dtypes", default="float16,float32", help="float16 stands in for the GPU configuration")
-    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "flashsd-coldboot"))
+    parser.add_argument("--root", default=str(DEFAULT_ROOT))
     parser.add_argument("--warm-up", type=int, default=0, help="also time one warm-up call at this square size")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU configuration itself (fp16)")
     parser.add_argument("--run", choices=["probe", "floor"], help=argparse.SUPPRESS)

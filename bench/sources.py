@@ -33,14 +33,14 @@ def tiny_root() -> Path:
 
 def weights_for(model: FlashModel, choice: str) -> Weights:
     """`choice`: "auto" (real weights under FLASHSD_WEIGHTS / weights/ when complete, else tiny), "tiny",
-    "sd15-size" (random weights at SD1.5's real sizes, sd15 only: bench/fullsize.py), or a folder of real
+    "sd15-size" (random weights at SD1.5's real sizes, sd15 only: bench/coldboot.py builds them), or a folder of real
     weights."""
     if choice == "sd15-size":
         if model.key != "sd15":
             raise SystemExit("--weights sd15-size has weights for sd15 only: add --model sd15 --models sd15")
-        from bench.fullsize import build
+        from bench.coldboot import DEFAULT_ROOT, build
 
-        return Weights(build(), "sd15-size")
+        return Weights(build("sd15", DEFAULT_ROOT), "sd15-size")
     if choice not in ("auto", "tiny"):
         root = Path(choice)
         missing = missing_files(model, root)

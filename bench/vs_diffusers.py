@@ -103,7 +103,7 @@ def run_worker(name: str, args, checkout: Path | None = None) -> list[float]:
                "--size", str(args.size), "--predictions", str(args.predictions), "--weights", str(args.weights)]  # fmt: skip
     if args.safety_checker:
         command.append("--safety-checker")
-    env = os.environ | ({"PYTHONPATH": str(checkout)} if checkout else {})
+    env = os.environ | {"TMPDIR": args.temp} | ({"PYTHONPATH": str(checkout)} if checkout else {})
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=checkout, env=env)
     if done.returncode:
         raise SystemExit(f"{name} worker failed:\n{done.stderr[-4000:]}")
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="flashsd-vs-diffusers-") as folder:
+        args.temp = str(Path(folder) / "tmp")  # the workers' temporary files (flashsd's output folders) go here
+        Path(args.temp).mkdir()
         if args.weights is None:
             from testkit.tiny_repos import build_tiny_weights
 

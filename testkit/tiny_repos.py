@@ -289,8 +289,6 @@ def vae(seed: int, salt: str, *, latent_channels: int = 4, **config):
 # target_modules=["to_k", "to_q", "to_v", "to_out.0"]))` (train_flash_sdxl.py, train_flash_sd.py): every
 # attention's four projections, nothing else.
 FLASH_UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-# bench/fullsize.py builds its SD1.5-size LoRA from this name.
-UNET_LORA_TARGETS = FLASH_UNET_LORA_TARGETS
 # LORA_RANK: 64 (configs/flash_sdxl.yaml, flash_sd3.yaml, flash_pixart.yaml), 128 (configs/flash_sd.yaml).
 FLASH_LORA_RANK = {"sdxl": 64, "sd15": 128, "sd3": 64, "pixart": 64}
 # SD3 and PixArt: `get_peft_model(student, LoraConfig(r=64, target_modules=[...these 12...]))`
